@@ -1,0 +1,86 @@
+"""API keys -> `Principal`.
+
+Keys are held only as SHA-256 digests; a presented key is hashed, looked up, and the digest compared in
+constant time. Keys are never logged. Fails closed: no valid key, no request (except in open mode, which
+the CLI only allows on a loopback address).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["OPEN_PRINCIPAL", "KeyRing", "Principal", "bearer_token", "hash_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key's workspace, project, id, owning identity and whether it is an admin key."""
+
+    workspace: str
+    project: str
+    key_id: str
+    owner: str | None = None
+    admin: bool = False
+
+
+OPEN_PRINCIPAL = Principal(workspace="default", project="default", key_id="open", owner=None, admin=True)
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 digest under which a key is stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_token(authorization: bytes | str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), else None."""
+    if not authorization:
+        return None
+    if isinstance(authorization, bytes):
+        try:
+            authorization = authorization.decode("latin-1")
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte
+            return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+class KeyRing:
+    """The configured proxy keys. With no keys it is in open mode: everyone is `OPEN_PRINCIPAL`.
+
+    Args:
+        entries: `(sha256_hex, principal)` pairs.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, Principal]] = ()) -> None:
+        self._by_digest: dict[str, tuple[str, Principal]] = {}
+        for digest, principal in entries:
+            digest = digest.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("key_sha256 must be 64 hex characters")
+            if digest in self._by_digest:
+                raise ValueError(f"api key {principal.key_id!r} is configured twice")
+            self._by_digest[digest] = (digest, principal)
+
+    @property
+    def open_mode(self) -> bool:
+        return not self._by_digest
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        """The principal for a presented key, or None when it is missing or unknown."""
+        if self.open_mode:
+            return OPEN_PRINCIPAL
+        if not token:
+            return None
+        digest = hash_key(token)
+        # Hashing first means the lookup's timing can only leak facts about a digest, never the key;
+        # the final comparison is constant time all the same.
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(entry[0], digest):
+            return None
+        return entry[1]

@@ -1,0 +1,217 @@
+"""`ProxyConfig`: the whole configuration, from a TOML file, environment and CLI flags.
+
+Precedence: CLI flags > TOML file (`--config FILE` or `ORQ_PROXY_CONFIG`) > defaults. Unknown keys are
+errors, so a typo never silently turns a feature off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ApiKeyConfig",
+    "BudgetsConfig",
+    "ConfigError",
+    "NotifierConfig",
+    "PriceOverride",
+    "ProxyConfig",
+    "ReportingConfig",
+    "ServerConfig",
+    "SinkConfig",
+    "StorageConfig",
+    "UpstreamConfig",
+    "load_config",
+]
+
+CONFIG_ENV = "ORQ_PROXY_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the rule."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Request bodies above this get 413.")
+
+
+class UpstreamConfig(_Section):
+    base_url: str
+    api_key_env: str | None = None
+    api_key: str | None = Field(None, description="Literal upstream credential; prefer api_key_env.")
+    default: bool = False
+    connect_timeout: float = Field(10.0, gt=0)
+    headers_timeout: float = Field(600.0, gt=0, description="Seconds to wait for response headers; 504 after.")
+    read_timeout: float = Field(600.0, gt=0, description="Seconds to wait between two body chunks.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    def credential(self) -> str | None:
+        """The upstream API key: `api_key`, else the value of the `api_key_env` variable."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class ApiKeyConfig(_Section):
+    key: str | None = None
+    key_sha256: str | None = None
+    id: str | None = Field(None, description="Stable key id for budgets and reports; default: digest prefix.")
+    workspace: str = "default"
+    project: str = "default"
+    owner: str | None = None
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("each [[api_keys]] entry needs exactly one of key or key_sha256")
+        return self
+
+
+class StorageConfig(_Section):
+    state: str = "memory"
+    events: str = "duckdb://:memory:"
+
+
+class PriceOverride(_Section):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+
+
+class SinkConfig(_Section):
+    type: Literal["jsonl", "duckdb", "memory"]
+    path: str | None = None
+
+
+class NotifierConfig(_Section):
+    url: str
+
+
+class BudgetsConfig(_Section):
+    default_max_output_tokens: int = Field(4096, ge=1)
+    fail_open: bool = False
+
+
+class ReportingConfig(_Section):
+    retention_days: int = Field(90, ge=1)
+
+
+class ProxyConfig(_Section):
+    """The proxy's configuration. See README "Configuration" for every key."""
+
+    server: ServerConfig = ServerConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    storage: StorageConfig = StorageConfig()
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+    sinks: list[SinkConfig] = Field(default_factory=list)
+    notifiers: dict[str, NotifierConfig] = Field(default_factory=dict)
+    budgets: BudgetsConfig = BudgetsConfig()
+    reporting: ReportingConfig = ReportingConfig()
+
+    @model_validator(mode="after")
+    def _check_upstreams(self) -> ProxyConfig:
+        defaults = [name for name, up in self.upstreams.items() if up.default]
+        if len(defaults) > 1:
+            raise ValueError(f"only one upstream may be default = true, got {defaults}")
+        for name in self.upstreams:
+            if not name or "/" in name:
+                raise ValueError(f"upstream name {name!r} must be non-empty and contain no '/'")
+        return self
+
+    @property
+    def default_upstream(self) -> str | None:
+        """The upstream bare model names go to: the one marked default, else the only one."""
+        for name, up in self.upstreams.items():
+            if up.default:
+                return name
+        if len(self.upstreams) == 1:
+            return next(iter(self.upstreams))
+        return None
+
+    @property
+    def open_mode(self) -> bool:
+        return not self.api_keys
+
+    def check_bind(self) -> None:
+        """Refuse open mode (no keys) on a non-loopback address."""
+        if self.open_mode and not _is_loopback(self.server.host):
+            raise ConfigError(
+                f"no [[api_keys]] configured: open mode only binds to loopback, not {self.server.host!r}"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    upstream: str | None = None,
+) -> ProxyConfig:
+    """Read the TOML file (or `$ORQ_PROXY_CONFIG`), then apply CLI overrides.
+
+    `upstream` adds (or replaces) an upstream named `openai` and makes it the default.
+    """
+    path = path or os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    server = dict(data.get("server") or {})
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    data["server"] = server
+    if upstream is not None:
+        ups = {name: {**up, "default": False} for name, up in (data.get("upstreams") or {}).items()}
+        ups["openai"] = {**ups.get("openai", {}), "base_url": upstream, "default": True}
+        data["upstreams"] = ups
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_format_errors(exc)}") from exc

@@ -1,0 +1,91 @@
+"""One `RequestContext` per proxied request, kept under one namespaced ASGI scope key.
+
+The slices (identities, budgets, metering, upstream) meet here and nowhere else: each layer reads what
+the outer layers wrote and adds its own part. Everything on the hot path is a slots dataclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from orq_proxy.auth import Principal
+    from orq_proxy.metering.events import UsageEvent
+
+__all__ = ["SCOPE_KEY", "IdentitySource", "RequestContext", "ResolvedIdentity", "get_context"]
+
+SCOPE_KEY = "orq_proxy.context"
+
+IdentitySource = Literal["body", "header", "owner"]
+
+
+@dataclass(slots=True)
+class ResolvedIdentity:
+    """Who a request is attributed to, and how that was found."""
+
+    external_id: str
+    source: IdentitySource
+    identity_id: str | None = None  # the record's ULID `_id`, when a record exists
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything the layers learn about one proxied request.
+
+    Attributes:
+        request_id: ULID, also the usage event's id and the `x-request-id` response header.
+        received_at: wall time the request arrived (UTC).
+        started: monotonic seconds when the request arrived (for latency).
+        method: HTTP method.
+        path: the upstream-relative path, e.g. `/chat/completions` (the surface prefix removed).
+        surface: which prefix it came in on: `/v1`, `/v2/router` or `/v3/router`.
+        raw_body: the request body as received.
+        body: the parsed JSON object, or None when the body is not a JSON object.
+        body_changed: set by any layer that edits `body`; the upstream then re-serializes it.
+        principal: the authenticated caller (set by auth).
+        provider: upstream name chosen by routing (`openai`), model: the model name forwarded upstream,
+        model_ref: the model as the client named it (`openai/gpt-4o`).
+        product: which API this is (`chat.completions`, `responses`, `embeddings`, `completions`, ...).
+        stream: the client asked for a stream.
+        orq: the `orq` extension object removed from the body (None if absent).
+        body_identity: the top-level `identity` object removed from the body (None if absent).
+        identity: who the request is attributed to (set by the identity layer; None = unattributed).
+        metadata: request metadata (string map) for CEL matching and events.
+        settle_hooks: called once, synchronously, with the final UsageEvent; must not raise or block.
+        status_code: the response status the client got (set by whoever answers).
+    """
+
+    request_id: str
+    received_at: datetime
+    started: float
+    method: str
+    path: str
+    surface: str
+    raw_body: bytes = b""
+    body: dict[str, Any] | None = None
+    body_changed: bool = False
+    principal: Principal | None = None
+    provider: str | None = None
+    model: str | None = None
+    model_ref: str | None = None
+    product: str = "other"
+    stream: bool = False
+    orq: dict[str, Any] | None = None
+    body_identity: Any = None
+    identity: ResolvedIdentity | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    settle_hooks: list[Callable[[UsageEvent], None]] = field(default_factory=list)
+    status_code: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_context(scope: Scope) -> RequestContext:
+    """The request's context; raises KeyError when the request layer did not run."""
+    ctx: RequestContext = scope[SCOPE_KEY]
+    return ctx

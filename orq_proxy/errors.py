@@ -1,0 +1,113 @@
+"""The two error shapes, one helper each.
+
+- Proxied LLM calls answer in OpenAI's shape: `{"error": {"message", "type", "code", "param"}}`.
+- The management API (`/v2/identities`, `/v2/budgets`, `/v2/reporting`) answers in orq's shape:
+  `{"message", "code"}` where `code` is a gRPC status number (spec §1.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+__all__ = [
+    "GRPC_ALREADY_EXISTS",
+    "GRPC_INTERNAL",
+    "GRPC_INVALID_ARGUMENT",
+    "GRPC_NOT_FOUND",
+    "GRPC_PERMISSION_DENIED",
+    "GRPC_RESOURCE_EXHAUSTED",
+    "GRPC_UNAUTHENTICATED",
+    "GRPC_UNAVAILABLE",
+    "OrqAPIError",
+    "openai_error",
+    "orq_error",
+]
+
+GRPC_INVALID_ARGUMENT = 3
+GRPC_NOT_FOUND = 5
+GRPC_ALREADY_EXISTS = 6
+GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
+
+_GRPC_BY_STATUS = {
+    400: GRPC_INVALID_ARGUMENT,
+    401: GRPC_UNAUTHENTICATED,
+    403: GRPC_PERMISSION_DENIED,
+    404: GRPC_NOT_FOUND,
+    409: GRPC_ALREADY_EXISTS,
+    413: GRPC_INVALID_ARGUMENT,
+    422: GRPC_INVALID_ARGUMENT,
+    429: GRPC_RESOURCE_EXHAUSTED,
+    503: GRPC_UNAVAILABLE,
+}
+
+_OPENAI_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "api_error",
+    504: "timeout_error",
+}
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """An error for the proxied surface, in OpenAI's shape (`code` and `param` always present)."""
+    error: dict[str, Any] = {
+        "message": message,
+        "type": type or _OPENAI_TYPE_BY_STATUS.get(status, "api_error"),
+        "code": code,
+        "param": param,
+    }
+    if extra:
+        error.update(extra)
+    return JSONResponse({"error": error}, status_code=status, headers=dict(headers) if headers else None)
+
+
+def orq_error(
+    status: int,
+    message: str,
+    *,
+    code: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """An error for the management API, in orq's shape with a gRPC status code."""
+    grpc = code if code is not None else _GRPC_BY_STATUS.get(status, GRPC_INTERNAL)
+    return JSONResponse(
+        {"message": message, "code": grpc}, status_code=status, headers=dict(headers) if headers else None
+    )
+
+
+class OrqAPIError(Exception):
+    """Raised inside management endpoints; rendered by the API layer as `orq_error`.
+
+    Example:
+        raise OrqAPIError(404, "identity 'u1' not found")
+    """
+
+    def __init__(self, status: int, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        return orq_error(self.status, self.message, code=self.code)

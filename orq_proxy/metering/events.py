@@ -1,0 +1,57 @@
+"""`UsageEvent`: one per proxied request, whatever its ending. The contract between metering (which
+writes events) and reporting (which reads them back from the event store).
+
+Names: token fields use the Responses-API names (`input_tokens`, `output_tokens`, ...) because they are
+also the names of reporting's `genai.usage` bundle; money is integer nano-USD (`*_nanos`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["NANOS_PER_USD", "UsageEvent"]
+
+NANOS_PER_USD = 1_000_000_000
+
+
+class UsageEvent(BaseModel):
+    """What one request used and cost, and who it is attributed to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str = Field(description="The request's ULID.")
+    timestamp: datetime = Field(description="When the request arrived (aware, UTC).")
+    workspace: str
+    project: str
+    api_key_id: str
+    identity: str | None = Field(None, description="External id of the identity, None if unattributed.")
+    identity_source: Literal["body", "header", "owner"] | None = None
+    identity_tags: list[str] = Field(default_factory=list)
+    provider: str | None = None
+    model: str | None = Field(None, description="Provider-qualified model ref, e.g. 'openai/gpt-4o'.")
+    product: str = Field("other", description="chat.completions | responses | embeddings | completions | other")
+    status: Literal["OK", "ERROR"] = "OK"
+    http_status: int = 200
+    credential_type: str = "api_key"
+    stream: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    input_cost_nanos: int = 0
+    output_cost_nanos: int = 0
+    cached_cost_nanos: int = 0
+    reasoning_cost_nanos: int = 0
+    total_cost_nanos: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    usage_source: Literal["exact", "estimated"] = "exact"
+    usage_note: str | None = Field(None, description="Why usage is estimated, when it is.")
+    price_source: Literal["genai-prices", "override", "unknown"] = "genai-prices"
+    metadata: dict[str, str] = Field(default_factory=dict)

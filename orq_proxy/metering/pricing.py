@@ -1,0 +1,148 @@
+"""Model prices -> integer nano-USD costs. Prices come from `genai-prices`; config `[prices."provider/model"]`
+overrides them. An unknown model costs 0 and is flagged `price_source="unknown"`, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Literal
+
+from cachetools import LRUCache
+
+__all__ = ["Cost", "Pricer", "TokenUsage", "usd_to_nanos"]
+
+logger = logging.getLogger(__name__)
+
+PriceSource = Literal["genai-prices", "override", "unknown"]
+_NANOS = Decimal(1_000_000_000)
+_PER_MTOK = Decimal(1_000_000)
+
+
+def usd_to_nanos(usd: Decimal | float | int) -> int:
+    """USD -> integer nano-USD, rounded half-even."""
+    return int((Decimal(str(usd)) * _NANOS).to_integral_value(ROUND_HALF_EVEN))
+
+
+@dataclass(slots=True, frozen=True)
+class TokenUsage:
+    """Token counts of one call. `input_tokens` includes `cached_input_tokens`; `output_tokens` includes
+    `reasoning_tokens` (OpenAI's convention)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class Cost:
+    """A call's cost in nano-USD. `input_nanos` includes `cached_nanos`; `output_nanos` includes
+    `reasoning_nanos`; `total_nanos = input_nanos + output_nanos`."""
+
+    input_nanos: int = 0
+    output_nanos: int = 0
+    cached_nanos: int = 0
+    reasoning_nanos: int = 0
+    source: PriceSource = "unknown"
+
+    @property
+    def total_nanos(self) -> int:
+        return self.input_nanos + self.output_nanos
+
+
+@dataclass(slots=True, frozen=True)
+class _Rates:
+    """USD per token."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    source: PriceSource
+
+
+class Pricer:
+    """Prices calls. Thread-safe enough for one event loop; lookups are cached per model.
+
+    Args:
+        overrides: `"provider/model"` -> `(input_per_mtok, output_per_mtok, cached_input_per_mtok | None)` USD.
+    """
+
+    def __init__(self, overrides: Mapping[str, tuple[float, float, float | None]] | None = None) -> None:
+        self._overrides: dict[str, _Rates] = {}
+        for ref, (inp, out, cached) in (overrides or {}).items():
+            i = Decimal(str(inp)) / _PER_MTOK
+            self._overrides[ref] = _Rates(
+                input=i,
+                output=Decimal(str(out)) / _PER_MTOK,
+                cached_input=Decimal(str(cached)) / _PER_MTOK if cached is not None else i,
+                source="override",
+            )
+        self._cache: LRUCache[tuple[str | None, str], _Rates | None] = LRUCache(maxsize=4096)
+
+    def _rates(self, provider: str | None, model: str) -> _Rates | None:
+        key = (provider, model)
+        if key in self._cache:
+            return self._cache[key]
+        rates = self._overrides.get(f"{provider}/{model}" if provider else model) or self._overrides.get(model)
+        if rates is None:
+            rates = _lookup_genai_prices(provider, model)
+        self._cache[key] = rates
+        return rates
+
+    def is_known(self, provider: str | None, model: str | None) -> bool:
+        return model is not None and self._rates(provider, model) is not None
+
+    def cost(self, provider: str | None, model: str | None, usage: TokenUsage) -> Cost:
+        """The cost of `usage` on `provider/model`; zero with `source="unknown"` if unpriced."""
+        rates = self._rates(provider, model) if model else None
+        if rates is None:
+            return Cost()
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+        cached_usd = rates.cached_input * cached
+        input_usd = rates.input * (usage.input_tokens - cached) + cached_usd
+        reasoning_usd = rates.output * reasoning
+        output_usd = rates.output * usage.output_tokens
+        return Cost(
+            input_nanos=usd_to_nanos(input_usd),
+            output_nanos=usd_to_nanos(output_usd),
+            cached_nanos=usd_to_nanos(cached_usd),
+            reasoning_nanos=usd_to_nanos(reasoning_usd),
+            source=rates.source,
+        )
+
+
+def _lookup_genai_prices(provider: str | None, model: str) -> _Rates | None:
+    """Per-token rates from genai-prices' bundled snapshot, by pricing a million tokens of each kind.
+
+    Pricing a probe usage (rather than reading `ModelPrice` fields) lets genai-prices resolve its own
+    aliases; tiered prices resolve to the first tier.
+    """
+    from genai_prices import Usage, calc_price  # imported lazily: loading the price table takes ~100 ms
+
+    try:
+        base = calc_price(Usage(input_tokens=1_000_000, output_tokens=1_000_000), model, provider_id=provider)
+        cached = calc_price(
+            Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000), model, provider_id=provider
+        )
+    except LookupError:
+        logger.info("no price known for model %s/%s", provider, model)
+        return None
+    except Exception:  # a price table bug must never fail a request
+        logger.exception("genai-prices failed for model %s/%s", provider, model)
+        return None
+    return _Rates(
+        input=base.input_price / _PER_MTOK,
+        output=base.output_price / _PER_MTOK,
+        cached_input=cached.input_price / _PER_MTOK,
+        source="genai-prices",
+    )

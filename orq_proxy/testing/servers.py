@@ -1,0 +1,70 @@
+"""Run an ASGI app on a real socket (uvicorn, ephemeral port) in a background thread, for tests and demos."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp
+
+__all__ = ["ServerThread", "serve_in_thread"]
+
+
+class ServerThread:
+    """A uvicorn server on 127.0.0.1 in its own thread and event loop.
+
+    Example:
+        with serve_in_thread(app) as server:
+            httpx.get(server.url + "/healthz")
+    """
+
+    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs: Any) -> None:
+        kwargs: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "loop": "asyncio"}
+        kwargs.update(uvicorn_kwargs)
+        self.config = uvicorn.Config(app, host=host, port=port, **kwargs)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.port = port
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.005)
+        sockets = [s for srv in self.server.servers for s in srv.sockets]
+        self.port = sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp, **kwargs: Any) -> Iterator[ServerThread]:
+    """Serve `app` on an ephemeral loopback port for the duration of the block."""
+    server = ServerThread(app, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop()
