@@ -12,7 +12,12 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["OPEN_PRINCIPAL", "KeyRing", "Principal", "bearer_token", "hash_key"]
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from orq_proxy.context import get_context
+from orq_proxy.errors import openai_error
+
+__all__ = ["OPEN_PRINCIPAL", "AuthMiddleware", "KeyRing", "Principal", "bearer_token", "hash_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +89,37 @@ class KeyRing:
         if entry is None or not hmac.compare_digest(entry[0], digest):
             return None
         return entry[1]
+
+
+class AuthMiddleware:
+    """Proxied surface: `Authorization: Bearer <key>` -> `ctx.principal`, else 401 in OpenAI's shape.
+
+    Fails closed. The client's key is for this proxy only; the upstream layer never forwards it.
+    """
+
+    def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = None
+        if not self.keyring.open_mode:
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    token = bearer_token(value)
+                    break
+        principal = self.keyring.authenticate(token)
+        if principal is None:
+            response = openai_error(
+                401,
+                "missing or invalid API key: send Authorization: Bearer <key>",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+            await response(scope, receive, send)
+            return
+        get_context(scope).principal = principal
+        await self.app(scope, receive, send)

@@ -59,6 +59,8 @@ class RequestContext:
         metadata: request metadata (string map) for CEL matching and events.
         settle_hooks: called once, synchronously, with the final UsageEvent; must not raise or block.
         status_code: the response status the client got (set by whoever answers).
+        client_disconnected: the client went away before the response was complete.
+        upstream_error: why the upstream failed (connect error, timeout, died mid-stream), if it did.
     """
 
     request_id: str
@@ -82,6 +84,8 @@ class RequestContext:
     metadata: dict[str, str] = field(default_factory=dict)
     settle_hooks: list[Callable[[UsageEvent], None]] = field(default_factory=list)
     status_code: int | None = None
+    client_disconnected: bool = False
+    upstream_error: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

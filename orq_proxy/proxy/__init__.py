@@ -1,1 +1,1 @@
-"""proxy slice."""
+"""The proxied surface: request intake, routing to an upstream, and forwarding."""

@@ -1,0 +1,189 @@
+"""`build_app(config)`: the one place that knows the order of the stack.
+
+Proxied requests (`/v1/*`, `/v2/router/*`, `/v3/router/*`) go through the middleware stack, outermost
+first: Request -> Auth -> Routing -> Identity -> Budget -> Metering -> Upstream. Everything else (the
+management API, operations endpoints) is a Starlette app with the lifespan that starts and stops the
+shared resources (upstream client, sink dispatcher, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from orq_proxy.auth import AuthMiddleware, KeyRing, Principal, hash_key
+from orq_proxy.clock import Clock, SystemClock
+from orq_proxy.config import ProxyConfig
+from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
+from orq_proxy.proxy.routing import RoutingMiddleware
+from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
+from orq_proxy.sinks.duckdb import DuckDBEventStore
+
+__all__ = ["OrqProxy", "build_app", "keyring_from_config"]
+
+logger = logging.getLogger(__name__)
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def keyring_from_config(config: ProxyConfig) -> KeyRing:
+    """The proxy keys of `[[api_keys]]` as a `KeyRing` (digests only; plain keys are hashed here)."""
+    entries = []
+    for entry in config.api_keys:
+        digest = (entry.key_sha256 or hash_key(entry.key or "")).lower()
+        key_id = entry.id or f"key_{digest[:12]}"
+        principal = Principal(
+            workspace=entry.workspace, project=entry.project, key_id=key_id, owner=entry.owner, admin=entry.admin
+        )
+        entries.append((digest, principal))
+    return KeyRing(entries)
+
+
+class OrqProxy:
+    """The ASGI app `build_app` returns: proxied paths go to the middleware stack, the rest to `management`.
+
+    Mount it in an existing app and run its lifespan there:
+
+        proxy = build_app(config)
+        app = Starlette(routes=[Mount("/llm", app=proxy)], lifespan=proxy.lifespan)
+
+    Attributes:
+        config, clock, keyring, event_store, upstream: the shared resources (read-only after build).
+        components: slice objects by name (`"identity_store"`, `"bus"`, ...), for tests and embedding code.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ProxyConfig,
+        clock: Clock,
+        keyring: KeyRing,
+        event_store: DuckDBEventStore,
+        upstream: UpstreamApp,
+        proxy_stack: ASGIApp,
+        routes: list[BaseRoute],
+        startup: list[Hook],
+        shutdown: list[Hook],
+        components: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.keyring = keyring
+        self.event_store = event_store
+        self.upstream = upstream
+        self.proxy_stack = proxy_stack
+        self.components = components
+        self._startup = startup
+        self._shutdown = shutdown
+        self.ready = False
+        self.management = Starlette(routes=routes, lifespan=self.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Start the shared resources, yield, stop them (in reverse order)."""
+        started: list[int] = []
+        try:
+            for i, hook in enumerate(self._startup):
+                await hook()
+                started.append(i)
+            self.ready = True
+            yield
+        finally:
+            self.ready = False
+            for hook in reversed(self._shutdown):
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("shutdown step %s failed", getattr(hook, "__qualname__", hook))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = route_path(scope)
+            for prefix in PROXY_PREFIXES:
+                if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                    await self.proxy_stack(scope, receive, send)
+                    return
+        await self.management(scope, receive, send)
+
+
+def build_app(
+    config: ProxyConfig,
+    *,
+    clock: Clock | None = None,
+    event_store: DuckDBEventStore | None = None,
+    **overrides: Any,
+) -> OrqProxy:
+    """Build the proxy from its configuration.
+
+    Args:
+        config: the `ProxyConfig`.
+        clock: time source (tests pass a `FakeClock`).
+        event_store: the DuckDB event store (default: from `config.storage.events`).
+        overrides: ready-made components by name, replacing what config would build (e.g. `sinks=[...]`
+            for extra `UsageSink`s, `identity_store=...`).
+    """
+    if not config.upstreams:
+        raise ValueError("no upstream configured: add an [upstreams.<name>] table or pass --upstream URL")
+    clock = clock or SystemClock()
+    keyring = keyring_from_config(config)
+    if keyring.open_mode:
+        logger.warning("no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'")
+    event_store = event_store or DuckDBEventStore.from_url(config.storage.events)
+    upstream = UpstreamApp(targets_from_config(config.upstreams))
+    components: dict[str, Any] = {"event_store": event_store, "upstream": upstream}
+    startup: list[Hook] = [upstream.startup]
+    shutdown: list[Hook] = [upstream.aclose]
+    routes: list[BaseRoute] = []
+
+    # ---- slices: shared objects (each slice builds its own here) ----
+
+    # ---- proxied stack, innermost first ----
+    app: ASGIApp = upstream
+    # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
+    # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
+    app = RoutingMiddleware(app, upstreams=config.upstreams.keys(), default=config.default_upstream)
+    app = AuthMiddleware(app, keyring=keyring)
+    # Outermost: request id, bounded body read, parse once; answers 500 if anything inside raises early.
+    app = RequestMiddleware(app, max_body_bytes=config.server.max_body_bytes, clock=clock)
+
+    # ---- management API and operations ----
+    proxy: OrqProxy
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not proxy.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz), *routes]
+    shutdown.insert(0, _close_event_store(event_store))
+    proxy = OrqProxy(
+        config=config,
+        clock=clock,
+        keyring=keyring,
+        event_store=event_store,
+        upstream=upstream,
+        proxy_stack=app,
+        routes=routes,
+        startup=startup,
+        shutdown=shutdown,
+        components=components,
+    )
+    return proxy
+
+
+def _close_event_store(store: DuckDBEventStore) -> Hook:
+    async def close_event_store() -> None:
+        store.close()
+
+    return close_event_store

@@ -1,0 +1,258 @@
+"""`UpstreamApp`: the terminal ASGI app that forwards a request to its upstream and streams the answer back.
+
+One pooled `httpx.AsyncClient` on the `httpx-aiohttp` transport (DESIGN.md §7: httpx's own pool collapses
+under concurrency). Response bytes go to the client chunk by chunk as they arrive; nothing is buffered.
+
+Failures, in OpenAI's error shape: upstream unreachable -> 502; no response headers within the upstream's
+`headers_timeout` -> 504; upstream 4xx/5xx pass through unchanged. A client that disconnects cancels the
+upstream request. An upstream that dies mid-stream aborts the client connection (so the client sees a
+truncated response, not a clean end) and raises `UpstreamStreamError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+from starlette.types import Message, Receive, Scope, Send
+
+from orq_proxy.context import RequestContext, get_context
+from orq_proxy.errors import openai_error
+
+__all__ = ["UpstreamApp", "UpstreamStreamError", "UpstreamTarget", "targets_from_config"]
+
+logger = logging.getLogger(__name__)
+
+# Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), recomputed ones, the client's
+# credentials for this proxy, and orq's own headers.
+_DROP_REQUEST = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"authorization",
+        b"api-key",
+        b"x-api-key",
+        b"accept-encoding",
+        b"expect",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"server",
+        b"date",
+    }
+)
+
+
+class UpstreamStreamError(Exception):
+    """The upstream failed after the response had started; the client connection is aborted."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where one provider's requests go."""
+
+    base_url: str
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    headers_timeout: float = 600.0
+    read_timeout: float = 600.0
+
+
+def _upstream_failure(exc: BaseException) -> tuple[int, str]:
+    """Map a transport exception to (status, message). httpx-aiohttp maps connect errors to
+    `ConnectTimeout`, so look at the aiohttp cause to tell "refused" (502) from "slow" (504)."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
+        return 502, f"upstream unreachable: {cause}"
+    if isinstance(exc, httpx.ConnectTimeout) and not isinstance(cause, aiohttp.ServerTimeoutError):
+        return 502, f"upstream unreachable: {exc}"
+    if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError) or isinstance(
+        cause, aiohttp.ServerTimeoutError
+    ):
+        return 504, "upstream timed out before sending response headers"
+    return 502, f"upstream connection failed: {exc or type(exc).__name__}"
+
+
+class UpstreamApp:
+    """Forwards proxied requests to `targets[ctx.provider]`.
+
+    Args:
+        targets: provider name -> `UpstreamTarget`.
+        max_connections: connection pool size across all upstreams.
+
+    The client is created lazily on first use (or by `startup()` from a lifespan) and closed by `aclose()`.
+    """
+
+    def __init__(self, targets: Mapping[str, UpstreamTarget], *, max_connections: int = 1000) -> None:
+        if not targets:
+            raise ValueError("at least one upstream target is needed")
+        self.targets = dict(targets)
+        self.max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+        self._timeouts = {
+            name: httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=t.connect_timeout)
+            for name, t in self.targets.items()
+        }
+        self._auth = {
+            name: (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
+            for name, t in self.targets.items()
+        }
+
+    def _make_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_connections, keepalive_expiry=30.0)
+        transport = AiohttpTransport(limits=limits, trust_env=False)
+        return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    async def startup(self) -> None:
+        _ = self.client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # pragma: no cover - the dispatcher only sends http here
+            return
+        ctx = get_context(scope)
+        provider = ctx.provider
+        if provider is None or provider not in self.targets:
+            response = openai_error(502, f"no upstream configured for provider {provider!r}")
+            await response(scope, receive, send)
+            return
+
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - ASGI servers always run apps in a task
+            raise RuntimeError("UpstreamApp must run inside an asyncio task")
+        # Set just before the last body message: a disconnect seen after it is the normal end of the
+        # exchange (servers report "disconnect" once the response is complete), not a client leaving.
+        finishing = [False]
+
+        async def cancel_on_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not finishing[0]:
+                        ctx.client_disconnected = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(cancel_on_disconnect())
+        try:
+            await self._forward(ctx, scope, provider, send, finishing)
+        except asyncio.CancelledError:
+            # Our own cancellation on client disconnect ends the request quietly; any other propagates.
+            if ctx.client_disconnected and task.uncancel() == 0:
+                return
+            raise
+        finally:
+            finishing[0] = True
+            watcher.cancel()
+
+    async def _forward(
+        self, ctx: RequestContext, scope: Scope, provider: str, send: Send, finishing: list[bool]
+    ) -> None:
+        target = self.targets[provider]
+        url = target.base_url + ctx.path
+        query: bytes = scope.get("query_string", b"")
+        if query:
+            url += "?" + query.decode("latin-1")
+        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")]
+        headers.append((b"accept-encoding", b"identity"))
+        auth = self._auth[provider]
+        if auth is not None:
+            headers.append(auth)
+        content = ctx.raw_body
+        if ctx.body_changed and ctx.body is not None:
+            content = json.dumps(ctx.body, separators=(",", ":"), ensure_ascii=False).encode()
+        client = self.client
+        request = client.build_request(
+            ctx.method, url, headers=headers, content=content or None, timeout=self._timeouts[provider]
+        )
+        try:
+            async with asyncio.timeout(target.headers_timeout):
+                response = await client.send(request, stream=True)
+        except (httpx.TransportError, TimeoutError, aiohttp.ClientError) as exc:
+            status, message = _upstream_failure(exc)
+            ctx.upstream_error = message
+            ctx.status_code = status
+            logger.warning("request %s: %s", ctx.request_id, message)
+            finishing[0] = True
+            await openai_error(status, message, code="upstream_error")(scope, _noop_receive, send)
+            return
+
+        try:
+            ctx.status_code = response.status_code
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _DROP_RESPONSE],
+                }
+            )
+            try:
+                async for chunk in response.aiter_raw():
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (httpx.TransportError, aiohttp.ClientError) as exc:
+                ctx.upstream_error = f"upstream failed mid-response: {exc or type(exc).__name__}"
+                logger.warning("request %s: %s", ctx.request_id, ctx.upstream_error)
+                raise UpstreamStreamError(ctx.upstream_error) from exc
+            finishing[0] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+
+async def _noop_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def targets_from_config(upstreams: Mapping[str, object]) -> dict[str, UpstreamTarget]:
+    """`ProxyConfig.upstreams` -> targets (credentials read from the environment now)."""
+    from orq_proxy.config import UpstreamConfig
+
+    out: dict[str, UpstreamTarget] = {}
+    for name, up in upstreams.items():
+        assert isinstance(up, UpstreamConfig)
+        out[name] = UpstreamTarget(
+            base_url=up.base_url,
+            api_key=up.credential(),
+            connect_timeout=up.connect_timeout,
+            headers_timeout=up.headers_timeout,
+            read_timeout=up.read_timeout,
+        )
+    return out
+
