@@ -80,9 +80,9 @@ TOKENS_PER_MESSAGE = 4
 SYSTEM_FINGERPRINT = "fp_fake0000"
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct")
 WORDS = (
-    "The quick brown fox jumps over the lazy dog while seven bright stars "
-    "shine above quiet green hills and a calm river flows south"
-).split()
+    *("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "bright"),
+    *("stars", "shine", "above", "quiet", "green", "hills", "and", "a", "calm", "river", "flows", "south"),
+)
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
@@ -93,8 +93,11 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
     400: ("Invalid request.", "invalid_request_error", None),
     401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
     403: ("You are not allowed to sample from this model.", "permission_error", None),
-    404: ("The model does not exist or you do not have access to it.", "invalid_request_error",
-          "model_not_found"),
+    404: (
+        "The model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    ),
     408: ("Request timed out.", "timeout_error", None),
     429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
     500: ("The server had an error while processing your request. Sorry about that!", "server_error", None),
@@ -250,8 +253,12 @@ class FakeUpstream:
         self.words = words
         self.requests: list[RecordedRequest] = []
         self._ids = itertools.count(1)
-        self._post_routes: dict[str, Callable[[dict[str, Any], _Plan, Send, RecordedRequest | None, Receive],
-                                              Coroutine[Any, Any, None]]] = {
+        self._post_routes: dict[
+            str,
+            Callable[
+                [dict[str, Any], _Plan, Send, RecordedRequest | None, Receive], Coroutine[Any, Any, None]
+            ],
+        ] = {
             "/v1/chat/completions": self._chat,
             "/v1/responses": self._responses,
             "/v1/completions": self._completions,
@@ -329,8 +336,8 @@ class FakeUpstream:
         if plan.latency:
             await asyncio.sleep(plan.latency)
         if plan.status >= 400:
-            message, type_, code = _ERRORS.get(plan.status, ("Fake upstream error.", "server_error", None))
-            await _send_error(send, plan.status, message, type_, code)
+            text, type_, code = _ERRORS.get(plan.status, ("Fake upstream error.", "server_error", None))
+            await _send_error(send, plan.status, text, type_, code)
             return
 
         if method == "GET":
@@ -338,9 +345,16 @@ class FakeUpstream:
                 await _send_json_bytes(send, 200, self._models_body)
                 return
             if path.startswith("/v1/models/"):
-                model = path[len("/v1/models/"):]
-                await _send_json(send, 200, {"id": model, "object": "model", "created": 1700000000,
-                                             "owned_by": "system"})
+                await _send_json(
+                    send,
+                    200,
+                    {
+                        "id": path[len("/v1/models/") :],
+                        "object": "model",
+                        "created": 1700000000,
+                        "owned_by": "system",
+                    },
+                )
                 return
         handler = self._post_routes.get(path) if method == "POST" else None
         if handler is None:
@@ -348,15 +362,17 @@ class FakeUpstream:
             return
         if not isinstance(parsed, dict):
             await _send_error(
-                send, 400,
+                send,
+                400,
                 "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
                 "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was "
                 "not valid JSON.)",
-                "invalid_request_error", None,
+                "invalid_request_error",
+                None,
             )
             return
-        model = parsed.get("model")
-        if not isinstance(model, str) or not model:
+        requested = parsed.get("model")
+        if not isinstance(requested, str) or not requested:
             await _send_error(send, 400, "you must provide a model parameter", "invalid_request_error", None)
             return
         await handler(parsed, plan, send, record, receive)
@@ -384,8 +400,9 @@ class FakeUpstream:
                 break
         return n, False
 
-    async def _start_stream(self, send: Send, plan: _Plan, record: RecordedRequest | None,
-                            receive: Receive) -> _Stream:
+    async def _start_stream(
+        self, send: Send, plan: _Plan, record: RecordedRequest | None, receive: Receive
+    ) -> _Stream:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers(_SSE_HEADERS)})
         stream = _Stream(send, plan, record)
         if plan.ttft or plan.chunk_delay:
@@ -429,8 +446,9 @@ class FakeUpstream:
 
     # --- chat completions ------------------------------------------------------------------------------
 
-    async def _chat(self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None,
-                    receive: Receive) -> None:
+    async def _chat(
+        self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
+    ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_completion_tokens", "max_tokens")
         finish = "length" if capped else "stop"
@@ -443,13 +461,19 @@ class FakeUpstream:
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": " ".join(_words(n_words)), "refusal": None,
-                                "annotations": []},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": " ".join(_words(n_words)),
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
                 "service_tier": "default",
                 "system_fingerprint": SYSTEM_FINGERPRINT,
             }
@@ -458,13 +482,18 @@ class FakeUpstream:
             await self._send_json(send, answer)
             return
         include_usage = _include_usage(body) and not plan.omit_usage
-        head = (f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
-                f'"model":{_dumps(model)},"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}",'
-                f'"choices":[{{"index":0,"delta":')
+        head = (
+            f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{_dumps(model)},"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}",'
+            f'"choices":[{{"index":0,"delta":'
+        )
         tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
         events: list[bytes | None] = [
-            (head + '{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]'
-             + tail).encode()
+            (
+                head
+                + '{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]'
+                + tail
+            ).encode()
         ]
         for delta in _CHAT_DELTAS[:n_words] if n_words <= len(_CHAT_DELTAS) else _chat_deltas(n_words):
             events.append(None)
@@ -472,17 +501,20 @@ class FakeUpstream:
         events.append((head + f'{{}},"logprobs":null,"finish_reason":"{finish}"}}]' + tail).encode())
         if include_usage:
             events.append(
-                (f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
-                 f'"model":{_dumps(model)},"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}",'
-                 f'"choices":[],"usage":{_dumps(usage)}}}\n\n').encode()
+                (
+                    f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
+                    f'"model":{_dumps(model)},"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}",'
+                    f'"choices":[],"usage":{_dumps(usage)}}}\n\n'
+                ).encode()
             )
         events.append(b"data: [DONE]\n\n")
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
 
     # --- legacy completions ----------------------------------------------------------------------------
 
-    async def _completions(self, body: dict[str, Any], plan: _Plan, send: Send,
-                           record: RecordedRequest | None, receive: Receive) -> None:
+    async def _completions(
+        self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
+    ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_tokens")
         finish = "length" if capped else "stop"
@@ -497,8 +529,9 @@ class FakeUpstream:
                 "created": created,
                 "model": model,
                 "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [{"text": " ".join(_words(n_words)), "index": 0, "logprobs": None,
-                             "finish_reason": finish}],
+                "choices": [
+                    {"text": " ".join(_words(n_words)), "index": 0, "logprobs": None, "finish_reason": finish}
+                ],
             }
             if not plan.omit_usage:
                 answer["usage"] = usage
@@ -506,28 +539,33 @@ class FakeUpstream:
             return
         include_usage = _include_usage(body) and not plan.omit_usage
         head = f'data: {{"id":"{cid}","object":"text_completion","created":{created},"choices":[{{"text":'
-        tail = (f'"model":{_dumps(model)},"system_fingerprint":"{SYSTEM_FINGERPRINT}"'
-                + (',"usage":null}\n\n' if include_usage else "}\n\n"))
+        tail = f'"model":{_dumps(model)},"system_fingerprint":"{SYSTEM_FINGERPRINT}"' + (
+            ',"usage":null}\n\n' if include_usage else "}\n\n"
+        )
         events: list[bytes | None] = []
         for i, word in enumerate(_words(n_words)):
             events.append(None)
             text = word if i == 0 else " " + word
-            events.append((head + _dumps(text) + ',"index":0,"logprobs":null,"finish_reason":null}],'
-                           + tail).encode())
+            events.append(
+                (head + _dumps(text) + ',"index":0,"logprobs":null,"finish_reason":null}],' + tail).encode()
+            )
         events.append((head + f'"","index":0,"logprobs":null,"finish_reason":"{finish}"}}],' + tail).encode())
         if include_usage:
             events.append(
-                (f'data: {{"id":"{cid}","object":"text_completion","created":{created},"choices":[],'
-                 f'"model":{_dumps(model)},"system_fingerprint":"{SYSTEM_FINGERPRINT}",'
-                 f'"usage":{_dumps(usage)}}}\n\n').encode()
+                (
+                    f'data: {{"id":"{cid}","object":"text_completion","created":{created},"choices":[],'
+                    f'"model":{_dumps(model)},"system_fingerprint":"{SYSTEM_FINGERPRINT}",'
+                    f'"usage":{_dumps(usage)}}}\n\n'
+                ).encode()
             )
         events.append(b"data: [DONE]\n\n")
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
 
     # --- responses -------------------------------------------------------------------------------------
 
-    async def _responses(self, body: dict[str, Any], plan: _Plan, send: Send,
-                         record: RecordedRequest | None, receive: Receive) -> None:
+    async def _responses(
+        self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
+    ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_output_tokens")
         prompt_tokens = _responses_prompt_tokens(body)
@@ -544,7 +582,9 @@ class FakeUpstream:
         created = int(time.time())
         text = " ".join(_words(n_words))
         message: dict[str, Any] = {
-            "id": mid, "type": "message", "status": "incomplete" if capped else "completed",
+            "id": mid,
+            "type": "message",
+            "status": "incomplete" if capped else "completed",
             "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }
@@ -591,26 +631,43 @@ class FakeUpstream:
 
         event("response.created", {"response": response("in_progress", [], False)})
         event("response.in_progress", {"response": response("in_progress", [], False)})
-        event("response.output_item.added", {"output_index": 0, "item": {
-            "id": mid, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}})
+        event(
+            "response.output_item.added",
+            {
+                "output_index": 0,
+                "item": {
+                    "id": mid,
+                    "type": "message",
+                    "status": "in_progress",
+                    "content": [],
+                    "role": "assistant",
+                },
+            },
+        )
         ids = {"item_id": mid, "output_index": 0, "content_index": 0}
-        event("response.content_part.added", {**ids, "part": {
-            "type": "output_text", "annotations": [], "logprobs": [], "text": ""}})
+        event(
+            "response.content_part.added",
+            {**ids, "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}},
+        )
         for i, word in enumerate(_words(n_words)):
             events.append(None)
-            event("response.output_text.delta", {**ids, "delta": word if i == 0 else " " + word,
-                                                 "logprobs": []})
+            event(
+                "response.output_text.delta", {**ids, "delta": word if i == 0 else " " + word, "logprobs": []}
+            )
         event("response.output_text.done", {**ids, "text": text, "logprobs": []})
         event("response.content_part.done", {**ids, "part": message["content"][0]})
         event("response.output_item.done", {"output_index": 0, "item": message})
-        event("response.incomplete" if capped else "response.completed",
-              {"response": response(final_status, [message], True)})
+        event(
+            "response.incomplete" if capped else "response.completed",
+            {"response": response(final_status, [message], True)},
+        )
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
 
     # --- embeddings ------------------------------------------------------------------------------------
 
-    async def _embeddings(self, body: dict[str, Any], plan: _Plan, send: Send,
-                          record: RecordedRequest | None, receive: Receive) -> None:
+    async def _embeddings(
+        self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
+    ) -> None:
         inputs = _inputs(body.get("input"))
         dims = body.get("dimensions")
         if not isinstance(dims, int) or isinstance(dims, bool) or dims <= 0:
@@ -619,8 +676,9 @@ class FakeUpstream:
         data = []
         for index, item in enumerate(inputs):
             vector = _vector(_input_tokens(item), index, dims)
-            embedding: Any = (base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
-                              if as_base64 else vector)
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
+            )
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         prompt_tokens = sum(_input_tokens(item) for item in inputs)
         answer: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
@@ -760,8 +818,13 @@ async def _pause(stream: _Stream, seconds: float) -> None:
 
 
 async def _send_json_bytes(send: Send, status: int, data: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -770,39 +833,49 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
 
 
 async def _send_error(send: Send, status: int, message: str, type_: str, code: str | None) -> None:
-    await _send_json(send, status, {"error": {"message": message, "type": type_, "param": None, "code": code}})
+    await _send_json(
+        send, status, {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    )
 
 
 async def _send_auth_error(send: Send, authorization: str | None) -> None:
     if not authorization or not authorization.startswith("Bearer "):
         await _send_error(
-            send, 401,
-            "You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) "
-            "if you're accessing the API from your browser and are prompted for a username and password. You "
-            "can obtain an API key from https://platform.openai.com/account/api-keys.",
-            "invalid_request_error", None,
+            send,
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
+            "username) if you're accessing the API from your browser and are prompted for a username and "
+            "password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+            "invalid_request_error",
+            None,
         )
         return
-    key = authorization[len("Bearer "):]
+    key = authorization[len("Bearer ") :]
     masked = key[:3] + "*" * max(len(key) - 7, 0) + key[-4:] if len(key) > 7 else "*" * len(key)
     await _send_error(
-        send, 401,
+        send,
+        401,
         f"Incorrect API key provided: {masked}. You can find your API key at "
         "https://platform.openai.com/account/api-keys.",
-        "invalid_request_error", "invalid_api_key",
+        "invalid_request_error",
+        "invalid_api_key",
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the fake upstream with uvicorn (uvloop and httptools when installed)."""
-    parser = argparse.ArgumentParser(prog="python -m orq_proxy.testing.fake_upstream",
-                                     description="OpenAI-compatible fake upstream (base URL: http://HOST:PORT/v1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m orq_proxy.testing.fake_upstream",
+        description="OpenAI-compatible fake upstream (base URL: http://HOST:PORT/v1)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every answer's headers")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="streams: delay before the first event")
-    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="streams: delay between content events")
+    parser.add_argument(
+        "--chunk-delay-ms", type=float, default=0.0, help="streams: delay between content events"
+    )
     parser.add_argument("--api-key", default=None, help="require this bearer key (OpenAI's 401 otherwise)")
     parser.add_argument("--record", action="store_true", help="keep every request in memory (off by default)")
     args = parser.parse_args(argv)
@@ -823,10 +896,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         http = "httptools"
     except ImportError:  # pragma: no cover
         pass
-    app = build_fake_upstream(latency=args.latency_ms / 1000, ttft=args.ttft_ms / 1000,
-                              chunk_delay=args.chunk_delay_ms / 1000, api_key=args.api_key, record=args.record)
-    uvicorn.run(app, host=args.host, port=args.port, loop=loop, http=http, log_level="warning",
-                access_log=False, lifespan="on")
+    app = build_fake_upstream(
+        latency=args.latency_ms / 1000,
+        ttft=args.ttft_ms / 1000,
+        chunk_delay=args.chunk_delay_ms / 1000,
+        api_key=args.api_key,
+        record=args.record,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop=loop,
+        http=http,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
 
 
 if __name__ == "__main__":
