@@ -41,7 +41,11 @@ def keyring_from_config(config: ProxyConfig) -> KeyRing:
         digest = (entry.key_sha256 or hash_key(entry.key or "")).lower()
         key_id = entry.id or f"key_{digest[:12]}"
         principal = Principal(
-            workspace=entry.workspace, project=entry.project, key_id=key_id, owner=entry.owner, admin=entry.admin
+            workspace=entry.workspace,
+            project=entry.project,
+            key_id=key_id,
+            owner=entry.owner,
+            admin=entry.admin,
         )
         entries.append((digest, principal))
     return KeyRing(entries)
@@ -135,7 +139,9 @@ def build_app(
     clock = clock or SystemClock()
     keyring = keyring_from_config(config)
     if keyring.open_mode:
-        logger.warning("no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'")
+        logger.warning(
+            "no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'"
+        )
     event_store = event_store or DuckDBEventStore.from_url(config.storage.events)
     upstream = UpstreamApp(targets_from_config(config.upstreams))
     components: dict[str, Any] = {"event_store": event_store, "upstream": upstream}

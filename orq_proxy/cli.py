@@ -66,14 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file (default: $ORQ_PROXY_CONFIG)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
-    serve.add_argument("--upstream", help="base URL of the default OpenAI-compatible upstream, e.g. http://h/v1")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--upstream", help="base URL of the default OpenAI-compatible upstream, e.g. http://h/v1"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="run a short scenario against the built-in fake upstream")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2"):  # one INFO line per HTTP call is too much for a proxy's log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args))
 
 

@@ -52,7 +52,9 @@ class UpstreamConfig(_Section):
     api_key: str | None = Field(None, description="Literal upstream credential; prefer api_key_env.")
     default: bool = False
     connect_timeout: float = Field(10.0, gt=0)
-    headers_timeout: float = Field(600.0, gt=0, description="Seconds to wait for response headers; 504 after.")
+    headers_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for response headers; 504 after."
+    )
     read_timeout: float = Field(600.0, gt=0, description="Seconds to wait between two body chunks.")
 
     @field_validator("base_url")

@@ -32,7 +32,9 @@ class UsageEvent(BaseModel):
     identity_tags: list[str] = Field(default_factory=list)
     provider: str | None = None
     model: str | None = Field(None, description="Provider-qualified model ref, e.g. 'openai/gpt-4o'.")
-    product: str = Field("other", description="chat.completions | responses | embeddings | completions | other")
+    product: str = Field(
+        "other", description="chat.completions | responses | embeddings | completions | other"
+    )
     status: Literal["OK", "ERROR"] = "OK"
     http_status: int = 200
     credential_type: str = "api_key"

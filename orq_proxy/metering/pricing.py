@@ -92,7 +92,9 @@ class Pricer:
         key = (provider, model)
         if key in self._cache:
             return self._cache[key]
-        rates = self._overrides.get(f"{provider}/{model}" if provider else model) or self._overrides.get(model)
+        rates = self._overrides.get(f"{provider}/{model}" if provider else model) or self._overrides.get(
+            model
+        )
         if rates is None:
             rates = _lookup_genai_prices(provider, model)
         self._cache[key] = rates

@@ -46,7 +46,9 @@ class RoutingMiddleware:
         if model is None:
             ctx.provider = self.default or sorted(self.upstreams)[0]
         elif not isinstance(model, str) or not model:
-            response = openai_error(400, "model must be a non-empty string", code="invalid_value", param="model")
+            response = openai_error(
+                400, "model must be a non-empty string", code="invalid_value", param="model"
+            )
             await response(scope, receive, send)
             return
         else:

@@ -189,7 +189,9 @@ class UpstreamApp:
         query: bytes = scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
-        headers = [(k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")]
+        headers = [
+            (k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
+        ]
         headers.append((b"accept-encoding", b"identity"))
         auth = self._auth[provider]
         if auth is not None:
@@ -219,7 +221,7 @@ class UpstreamApp:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _DROP_RESPONSE],
+                    "headers": _response_headers(response.headers.raw),
                 }
             )
             try:
@@ -234,6 +236,20 @@ class UpstreamApp:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers minus hop-by-hop ones; the upstream's own request id is kept as
+    `x-upstream-request-id` because `x-request-id` is this proxy's."""
+    out = []
+    for key, value in raw:
+        key = key.lower()
+        if key in _DROP_RESPONSE:
+            continue
+        if key == b"x-request-id":
+            key = b"x-upstream-request-id"
+        out.append((key, value))
+    return out
 
 
 async def _noop_receive() -> Message:
@@ -255,4 +271,3 @@ def targets_from_config(upstreams: Mapping[str, object]) -> dict[str, UpstreamTa
             read_timeout=up.read_timeout,
         )
     return out
-

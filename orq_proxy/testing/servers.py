@@ -23,7 +23,9 @@ class ServerThread:
             httpx.get(server.url + "/healthz")
     """
 
-    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs: Any
+    ) -> None:
         kwargs: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "loop": "asyncio"}
         kwargs.update(uvicorn_kwargs)
         self.config = uvicorn.Config(app, host=host, port=port, **kwargs)

@@ -1,0 +1,123 @@
+"""`orq-proxy demo`: the fake upstream and the proxy on free loopback ports, a short scenario driven
+through the real `openai` SDK, and what happened, printed.
+
+Each capability adds a step: a function `(DemoRun) -> None` appended to `STEPS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orq_proxy.app import OrqProxy, build_app
+from orq_proxy.config import ProxyConfig
+from orq_proxy.testing.fake_upstream import FakeUpstream, build_fake_upstream
+from orq_proxy.testing.servers import ServerThread, serve_in_thread
+
+__all__ = ["STEPS", "DemoRun", "run_demo"]
+
+ADMIN_KEY = "sk-demo-admin"
+USER_KEY = "sk-demo-user"
+UPSTREAM_KEY = "sk-demo-upstream"
+
+
+@dataclass
+class DemoRun:
+    """What a demo step can use: the running proxy, its base URL, the fake upstream, and `say`."""
+
+    proxy: OrqProxy
+    url: str
+    fake: FakeUpstream
+    out: Callable[[str], None] = print
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        self.out(text)
+
+    def openai(self, key: str = USER_KEY, prefix: str = "/v1") -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url + prefix, api_key=key, max_retries=0)
+
+
+def demo_config(upstream_url: str) -> ProxyConfig:
+    """The demo's configuration: one upstream (the fake), an admin key and a user key owned by `alice`."""
+    return ProxyConfig.model_validate(
+        {
+            "upstreams": {"openai": {"base_url": upstream_url, "api_key": UPSTREAM_KEY, "default": True}},
+            "api_keys": [
+                {"key": ADMIN_KEY, "id": "admin", "admin": True},
+                {"key": USER_KEY, "id": "app-backend", "owner": "alice"},
+            ],
+        }
+    )
+
+
+def step_chat(run: DemoRun) -> None:
+    """A JSON chat completion with a provider prefix."""
+    client = run.openai()
+    out = client.chat.completions.create(
+        model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Say hello to the demo"}]
+    )
+    usage = out.usage
+    run.say(f"chat      -> {out.choices[0].message.content!r}")
+    if usage is not None:
+        run.say(f"             tokens: prompt={usage.prompt_tokens} completion={usage.completion_tokens}")
+
+
+def step_stream(run: DemoRun) -> None:
+    """A streamed chat completion, printed as it arrives."""
+    client = run.openai()
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Stream something"}], stream=True
+    )
+    start = time.monotonic()
+    first: float | None = None
+    words: list[str] = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.monotonic() - start
+            words.append(chunk.choices[0].delta.content)
+    run.say(f"stream    -> {''.join(words)!r} (first token after {1000 * (first or 0):.1f} ms)")
+
+
+def step_unknown_provider(run: DemoRun) -> None:
+    """An unknown provider prefix is refused with a 400 that says what is configured."""
+    import openai
+
+    try:
+        run.openai().chat.completions.create(model="acme/model-x", messages=[{"role": "user", "content": "hi"}])
+    except openai.BadRequestError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        run.say(f"routing   -> 400 {body.get('message', exc)}")
+
+
+STEPS: list[Callable[[DemoRun], None]] = [step_chat, step_stream, step_unknown_provider]
+
+
+def run_demo(out: Callable[[str], None] = print) -> int:
+    """Run every step of the demo; 0 when all of them ran."""
+    fake = build_fake_upstream(api_key=UPSTREAM_KEY)
+    with contextlib.ExitStack() as stack:
+        upstream: ServerThread = stack.enter_context(serve_in_thread(fake))
+        proxy = build_app(demo_config(upstream.url + "/v1"))
+        server: ServerThread = stack.enter_context(serve_in_thread(proxy))
+        out(f"fake upstream on {upstream.url}/v1, orq-proxy on {server.url}")
+        run = DemoRun(proxy=proxy, url=server.url, fake=fake, out=out)
+        failed = 0
+        for step in STEPS:
+            try:
+                step(run)
+            except Exception as exc:  # a demo reports every step, even after one fails
+                failed += 1
+                out(f"step {step.__name__} FAILED: {type(exc).__name__}: {exc}")
+        out("demo finished" + (f" with {failed} failed step(s)" if failed else ": all steps ran"))
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_demo())
