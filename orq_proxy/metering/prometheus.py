@@ -1,0 +1,228 @@
+"""`/metrics`: Prometheus text exposition (format 0.0.4) of requests, tokens, cost, latency and the sink bus.
+
+Written by hand (the format is a few lines of text) rather than adding a client library. Labels stay
+low-cardinality: provider, model and status; the identity label is off unless asked for. Label sets
+beyond `max_series` per metric fold into `model="__other__"` (and `identity="__other__"`), so a client
+sending random model names cannot grow memory without bound.
+
+Updated synchronously from the metering `finally` (`observe`), never raises there (the middleware guards
+it), and rendered on each scrape.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
+
+if TYPE_CHECKING:
+    from orq_proxy.sinks.base import EventBus
+
+__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "PrometheusMetrics", "prometheus_route"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OTHER = "__other__"
+_TOKEN_KINDS = ("input", "output", "cached_input", "reasoning")
+
+LabelKey = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.counts = [0] * (n_buckets + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+
+class PrometheusMetrics:
+    """Counters and histograms fed with every `UsageEvent`, rendered as Prometheus text.
+
+    Args:
+        identity_labels: add an `identity` label to the request, token and cost series.
+        max_series: label sets kept per metric before new models fold into `__other__`.
+        buckets: latency histogram bucket bounds, seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity_labels: bool = False,
+        max_series: int = 1000,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        if max_series < 1:
+            raise ValueError("max_series must be at least 1")
+        if list(buckets) != sorted(set(buckets)) or not buckets:
+            raise ValueError("buckets must be a non-empty increasing sequence")
+        self.identity_labels = identity_labels
+        self.max_series = max_series
+        self.buckets = tuple(float(b) for b in buckets)
+        self.base_labels: tuple[str, ...] = ("provider", "model", *(("identity",) if identity_labels else ()))
+        self.requests: dict[LabelKey, int] = {}  # base labels + status
+        self.tokens: dict[LabelKey, list[int]] = {}  # base labels -> per _TOKEN_KINDS
+        self.cost_nanos: dict[LabelKey, int] = {}
+        self.estimated: dict[LabelKey, int] = {}
+        self.unpriced: dict[tuple[str, str], int] = {}
+        self.latency: dict[tuple[str, str], _Histogram] = {}
+        self.ttft: dict[tuple[str, str], _Histogram] = {}
+
+    def _key(self, event: UsageEvent) -> LabelKey:
+        provider = event.provider or ""
+        model = event.model or ""
+        if provider and model.startswith(provider + "/"):
+            model = model[len(provider) + 1 :]
+        if self.identity_labels:
+            return (provider, model, event.identity or "")
+        return (provider, model)
+
+    def _bounded(self, table: Mapping[LabelKey, object], key: LabelKey) -> LabelKey:
+        if key in table or len(table) < self.max_series:
+            return key
+        return (key[0], OTHER, *(OTHER for _ in key[2:]))
+
+    def observe(self, event: UsageEvent) -> None:
+        """Count one settled request."""
+        base = self._bounded(self.tokens, self._key(event))
+        req_key = (*base, event.status)
+        self.requests[req_key] = self.requests.get(req_key, 0) + 1
+        tokens = self.tokens.get(base)
+        if tokens is None:
+            tokens = self.tokens[base] = [0, 0, 0, 0]
+        tokens[0] += event.input_tokens
+        tokens[1] += event.output_tokens
+        tokens[2] += event.cached_input_tokens
+        tokens[3] += event.reasoning_tokens
+        self.cost_nanos[base] = self.cost_nanos.get(base, 0) + event.total_cost_nanos
+        pm = (base[0], base[1])
+        if event.usage_source == "estimated":
+            self.estimated[base] = self.estimated.get(base, 0) + 1
+        if event.price_source == "unknown" and (event.input_tokens or event.output_tokens):
+            self.unpriced[pm] = self.unpriced.get(pm, 0) + 1
+        self._observe(self.latency, pm, event.latency_ms / 1000.0)
+        if event.ttft_ms is not None:
+            self._observe(self.ttft, pm, event.ttft_ms / 1000.0)
+
+    def _observe(
+        self, table: dict[tuple[str, str], _Histogram], key: tuple[str, str], seconds: float
+    ) -> None:
+        hist = table.get(key)
+        if hist is None:
+            hist = table[key] = _Histogram(len(self.buckets))
+        hist.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        hist.sum += seconds
+
+    # -- rendering -----------------------------------------------------------------------------------
+    def render(self, bus: EventBus | None = None) -> str:
+        """The exposition text (ends with a newline)."""
+        lines: list[str] = []
+        base = self.base_labels
+
+        def head(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        head("orq_proxy_requests_total", "counter", "Proxied requests, by outcome.")
+        for key, n in sorted(self.requests.items()):
+            lines.append(f"orq_proxy_requests_total{_labels((*base, 'status'), key)} {n}")
+        head("orq_proxy_tokens_total", "counter", "Tokens used (input includes cached, output reasoning).")
+        for key, counts in sorted(self.tokens.items()):
+            for kind, n in zip(_TOKEN_KINDS, counts, strict=True):
+                labels = _labels(base, key, 'type="' + kind + '"')
+                lines.append(f"orq_proxy_tokens_total{labels} {n}")
+        head("orq_proxy_cost_usd_total", "counter", "Cost in USD, from genai-prices or config overrides.")
+        for key, nanos in sorted(self.cost_nanos.items()):
+            lines.append(f"orq_proxy_cost_usd_total{_labels(base, key)} {_num(nanos / NANOS_PER_USD)}")
+        head(
+            "orq_proxy_estimated_usage_total", "counter", "Requests whose usage was estimated, not reported."
+        )
+        for key, n in sorted(self.estimated.items()):
+            lines.append(f"orq_proxy_estimated_usage_total{_labels(base, key)} {n}")
+        head("orq_proxy_unpriced_requests_total", "counter", "Requests with tokens but no known price.")
+        for pm, n in sorted(self.unpriced.items()):
+            lines.append(f"orq_proxy_unpriced_requests_total{_labels(('provider', 'model'), pm)} {n}")
+        self._render_histogram(
+            lines,
+            "orq_proxy_request_duration_seconds",
+            "Request latency, arrival to last byte.",
+            self.latency,
+        )
+        self._render_histogram(
+            lines, "orq_proxy_time_to_first_token_seconds", "Streams: arrival to first body byte.", self.ttft
+        )
+        if bus is not None:
+            stats = bus.stats()
+            head("orq_proxy_sink_queue_depth", "gauge", "Usage events waiting for a sink.")
+            for s in stats:
+                lines.append(f"orq_proxy_sink_queue_depth{_labels(('sink',), (s.name,))} {s.queued}")
+            head("orq_proxy_sink_events_written_total", "counter", "Usage events written by a sink.")
+            for s in stats:
+                lines.append(
+                    f"orq_proxy_sink_events_written_total{_labels(('sink',), (s.name,))} {s.written}"
+                )
+            head("orq_proxy_sink_failed_batches_total", "counter", "Sink writes that failed or timed out.")
+            for s in stats:
+                lines.append(
+                    f"orq_proxy_sink_failed_batches_total{_labels(('sink',), (s.name,))} {s.failed_batches}"
+                )
+            head(
+                "orq_proxy_sink_events_dropped_total", "counter", "Usage events a sink never got, by reason."
+            )
+            for s in stats:
+                for reason, n in (
+                    ("queue_full", s.dropped_full),
+                    ("write_failed", s.dropped_failed),
+                    ("shutdown", s.dropped_shutdown),
+                ):
+                    labels = _labels(("sink", "reason"), (s.name, reason))
+                    lines.append(f"orq_proxy_sink_events_dropped_total{labels} {n}")
+        return "\n".join(lines) + "\n"
+
+    def _render_histogram(
+        self, lines: list[str], name: str, help_text: str, table: dict[tuple[str, str], _Histogram]
+    ) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} histogram")
+        names = ("provider", "model")
+        for key, hist in sorted(table.items()):
+            cumulative = 0
+            for bound, n in zip((*self.buckets, float("inf")), hist.counts, strict=True):
+                cumulative += n
+                le = "+Inf" if bound == float("inf") else _num(bound)
+                labels = _labels(names, key, 'le="' + le + '"')
+                lines.append(f"{name}_bucket{labels} {cumulative}")
+            lines.append(f"{name}_sum{_labels(names, key)} {_num(hist.sum)}")
+            lines.append(f"{name}_count{_labels(names, key)} {cumulative}")
+
+
+def prometheus_route(prom: PrometheusMetrics, bus: EventBus | None = None, path: str = "/metrics") -> Route:
+    """A Starlette `Route` answering `GET path` with `prom.render(bus)`."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(prom.render(bus), media_type=CONTENT_TYPE)
+
+    return Route(path, metrics, methods=["GET"])

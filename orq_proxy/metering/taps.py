@@ -1,0 +1,429 @@
+"""Usage taps: read token usage from a response on the side, in bounded memory, without delaying it.
+
+- `SSETap` reads a `text/event-stream` body chunk by chunk. It keeps only the unfinished tail of the
+  current line (capped), splits on `\\n`, strips `\\r`, parses `data:` lines as JSON, skips `[DONE]` and
+  junk, and keeps the last `usage` and `model` it saw: chat/legacy-completions chunks' `usage`, and the
+  Responses API's `response.completed` (`response.usage`). It also counts the text of content deltas, for
+  an estimate when usage never arrives. `SSETap.rewrite` is the same reader in rewriting mode: it hides
+  the usage-only chunk and the `"usage":null` fields that exist only because the proxy asked for usage.
+- `JSONTap` keeps a capped copy of a non-stream body (plus a rolling window of its last bytes, where
+  OpenAI puts `usage`) and parses it once at the end.
+
+Neither imports starlette or httpx; both are plain synchronous objects, one per request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orq_proxy.metering.pricing import TokenUsage
+
+__all__ = [
+    "DEFAULT_JSON_CAP",
+    "DEFAULT_LINE_CAP",
+    "DEFAULT_REWRITE_LINE_CAP",
+    "JSONTap",
+    "ReportedUsage",
+    "SSETap",
+    "output_text_bytes",
+    "parse_usage",
+]
+
+DEFAULT_LINE_CAP = 4 * 1024 * 1024  # one SSE line; `response.completed` repeats the whole answer
+DEFAULT_REWRITE_LINE_CAP = 64 * 1024  # rewriting holds back at most this much of an unfinished line
+DEFAULT_JSON_CAP = 4 * 1024 * 1024  # copy of a non-stream body
+JSON_TAIL_BYTES = 64 * 1024  # rolling window of a body's last bytes, searched when the copy overflowed
+
+_DATA = b"data:"
+_DONE = b"[DONE]"
+_TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# `"usage":null` as a key of the chunk object. Inside JSON strings quotes are escaped, so `"usage"` with
+# both quotes unescaped is a key or a whole string value; the rewrite only edits bytes in place when it
+# occurs exactly once in the chunk.
+_USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
+_USAGE_NULL_FIRST = re.compile(rb'(?<=\{)\s*"usage"\s*:\s*null\s*(,\s*)?')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+
+
+@dataclass(slots=True, frozen=True)
+class ReportedUsage:
+    """Usage as the upstream reported it: the token counts, and its `total_tokens` (or their sum)."""
+
+    tokens: TokenUsage
+    total_tokens: int
+
+
+def _count(value: Any) -> int:
+    """A token count: a non-negative int (bools and junk count as 0)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 0
+
+
+def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = usage.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def parse_usage(usage: Any) -> ReportedUsage | None:
+    """A `usage` object in any OpenAI shape -> `ReportedUsage`, or None when it is not one.
+
+    Chat/legacy completions/embeddings: `prompt_tokens`, `completion_tokens`, `prompt_tokens_details`
+    (`cached_tokens`, `audio_tokens`), `completion_tokens_details` (`reasoning_tokens`, `audio_tokens`).
+    Responses API: `input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`,
+    `output_tokens_details.reasoning_tokens`.
+    """
+    if not isinstance(usage, Mapping):
+        return None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        inp = _count(usage.get("prompt_tokens"))
+        out = _count(usage.get("completion_tokens"))
+        in_details = _details(usage, "prompt_tokens_details")
+        out_details = _details(usage, "completion_tokens_details")
+    elif "input_tokens" in usage or "output_tokens" in usage:
+        inp = _count(usage.get("input_tokens"))
+        out = _count(usage.get("output_tokens"))
+        in_details = _details(usage, "input_tokens_details")
+        out_details = _details(usage, "output_tokens_details")
+    else:
+        return None
+    tokens = TokenUsage(
+        input_tokens=inp,
+        output_tokens=out,
+        cached_input_tokens=_count(in_details.get("cached_tokens")),
+        reasoning_tokens=_count(out_details.get("reasoning_tokens")),
+        audio_input_tokens=_count(in_details.get("audio_tokens")),
+        audio_output_tokens=_count(out_details.get("audio_tokens")),
+    )
+    total = usage.get("total_tokens")
+    return ReportedUsage(tokens, _count(total) if total is not None else inp + out)
+
+
+def _text_len(value: Any) -> int:
+    return len(value.encode()) if isinstance(value, str) else 0
+
+
+def _choices_text_bytes(choices: Any, part: str) -> int:
+    """Text of `choices[*].<part>` (`delta` or `message`: content, refusal, reasoning, tool arguments)
+    and of legacy `choices[*].text`."""
+    n = 0
+    if not isinstance(choices, list):
+        return 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        n += _text_len(choice.get("text"))
+        msg = choice.get(part)
+        if not isinstance(msg, dict):
+            continue
+        n += _text_len(msg.get("content")) + _text_len(msg.get("refusal"))
+        n += _text_len(msg.get("reasoning_content"))
+        calls = msg.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    n += _text_len(call["function"].get("arguments"))
+    return n
+
+
+def output_text_bytes(obj: Any) -> int:
+    """Bytes of generated text in a non-stream response (chat, legacy completions, Responses API)."""
+    if not isinstance(obj, dict):
+        return 0
+    n = _choices_text_bytes(obj.get("choices"), "message")
+    output = obj.get("output")
+    if isinstance(output, list):
+        for item in output:
+            if not isinstance(item, dict):
+                continue
+            n += _text_len(item.get("arguments"))
+            content = item.get("content")
+            if isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict):
+                        n += _text_len(part.get("text"))
+    return n
+
+
+class SSETap:
+    """Reads usage from a server-sent-event stream, one chunk at a time.
+
+    Use `feed(chunk)` to observe bytes that are forwarded unchanged, or `rewrite(chunk)` to get the bytes
+    to forward with the injected usage hidden (see `hide_usage`). Call `close()` at the end of the body.
+
+    Args:
+        hide_usage: rewriting mode: drop the usage-only chunk (`"choices": []` with a `usage` object,
+            and the blank line that ends its event) and remove `"usage":null` from every other chunk.
+            The proxy sets this when it injected `stream_options.include_usage` for a client that did
+            not ask for it, so the client sees exactly what it would have seen without it.
+        line_cap: the longest line kept; a longer line is skipped (and, when rewriting, passed through
+            as it arrives rather than held back).
+
+    Attributes:
+        usage: the last usage seen (None until one is). model: the last `model` seen.
+        output_bytes: bytes of generated text in content deltas (for an estimate).
+        events: `data:` lines parsed. done: `[DONE]` or a terminal Responses event was seen.
+        error: the stream carried an error object or a `response.failed`/`error` event.
+        overflowed: a line longer than `line_cap` was skipped.
+    """
+
+    __slots__ = (
+        "_drop_blank",
+        "_passthrough",
+        "_tail",
+        "done",
+        "error",
+        "events",
+        "hide_usage",
+        "line_cap",
+        "model",
+        "output_bytes",
+        "overflowed",
+        "usage",
+    )
+
+    def __init__(self, *, hide_usage: bool = False, line_cap: int | None = None) -> None:
+        self.hide_usage = hide_usage
+        self.line_cap = line_cap or (DEFAULT_REWRITE_LINE_CAP if hide_usage else DEFAULT_LINE_CAP)
+        self._tail = b""
+        self._passthrough = False  # rewriting: the current line overflowed and is being passed through
+        self._drop_blank = False
+        self.usage: ReportedUsage | None = None
+        self.model: str | None = None
+        self.output_bytes = 0
+        self.events = 0
+        self.done = False
+        self.error = False
+        self.overflowed = False
+
+    # -- observing ---------------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        """Observe `chunk` (forwarded unchanged by the caller)."""
+        if not chunk:
+            return
+        if self._tail:
+            chunk = self._tail + chunk
+            self._tail = b""
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                break
+            if self._passthrough:  # the rest of an over-long line: skip it
+                self._passthrough = False
+            else:
+                self._observe(chunk[start:end])
+            start = end + 1
+        rest = chunk[start:]
+        if self._passthrough:
+            return
+        if len(rest) > self.line_cap:
+            self.overflowed = True
+            self._passthrough = True
+        else:
+            self._tail = rest
+
+    def close(self) -> None:
+        """End of body: a last line without a newline still counts."""
+        if self._tail and not self._passthrough:
+            self._observe(self._tail)
+        self._tail = b""
+
+    # -- rewriting ---------------------------------------------------------------------------------
+    def rewrite(self, chunk: bytes, *, final: bool = False) -> bytes:
+        """Observe `chunk` and return the bytes to forward now: every complete line (rewritten when
+        `hide_usage`), holding back only the unfinished last line. `final=True` flushes that too."""
+        out: list[bytes] = []
+        if self._tail:
+            chunk = self._tail + chunk
+            self._tail = b""
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                break
+            if self._passthrough:
+                self._passthrough = False
+                out.append(chunk[start : end + 1])
+            else:
+                kept = self._rewrite_line(chunk[start:end])
+                if kept is not None:
+                    out.append(kept + b"\n")
+            start = end + 1
+        rest = chunk[start:]
+        if rest:
+            if final:
+                if self._passthrough:
+                    out.append(rest)
+                else:
+                    kept = self._rewrite_line(rest)
+                    if kept is not None:
+                        out.append(kept)
+                self._passthrough = False
+            elif self._passthrough or len(rest) > self.line_cap:
+                # Too long to hold back: forward it as it comes, unparsed and unchanged.
+                if not self._passthrough:
+                    self.overflowed = True
+                self._passthrough = True
+                out.append(rest)
+            else:
+                self._tail = rest
+        return b"".join(out)
+
+    def _rewrite_line(self, raw: bytes) -> bytes | None:
+        """The line to forward (None = drop it). `raw` has no `\\n`; it may end with `\\r`."""
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if not line:
+            if self._drop_blank:  # the blank line ending a dropped event
+                self._drop_blank = False
+                return None
+            return raw
+        self._drop_blank = False
+        obj = self._observe(raw)
+        if not self.hide_usage or not isinstance(obj, dict) or "usage" not in obj:
+            return raw
+        usage = obj["usage"]
+        if usage is None:
+            return _strip_usage_null(raw, obj)
+        if obj.get("choices") == [] and isinstance(usage, dict):
+            self._drop_blank = True
+            return None
+        return raw
+
+    # -- parsing -----------------------------------------------------------------------------------
+    def _observe(self, raw: bytes) -> Any:
+        """Parse one line; returns the `data:` JSON payload (None for anything else)."""
+        if not raw.startswith(_DATA):
+            return None
+        payload = raw[5:].strip()  # also strips `\r` and the optional space after the colon
+        if not payload:
+            return None
+        if payload == _DONE:
+            self.done = True
+            return None
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return obj
+        self.events += 1
+        model = obj.get("model")
+        if isinstance(model, str):
+            self.model = model
+        usage = obj.get("usage")
+        if usage is not None:
+            parsed = parse_usage(usage)
+            if parsed is not None:
+                self.usage = parsed
+        kind = obj.get("type")
+        if isinstance(kind, str):  # Responses API event
+            self._observe_response_event(kind, obj)
+        else:
+            self.output_bytes += _choices_text_bytes(obj.get("choices"), "delta")
+            if "error" in obj:
+                self.error = True
+        return obj
+
+    def _observe_response_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind.endswith(".delta"):
+            self.output_bytes += _text_len(obj.get("delta"))
+            return
+        response = obj.get("response")
+        if isinstance(response, dict):
+            model = response.get("model")
+            if isinstance(model, str):
+                self.model = model
+            parsed = parse_usage(response.get("usage"))
+            if parsed is not None:
+                self.usage = parsed
+        if kind in _TERMINAL_RESPONSE_EVENTS:
+            self.done = True
+        if kind in ("response.failed", "error"):
+            self.error = True
+
+
+def _strip_usage_null(raw: bytes, obj: dict[str, Any]) -> bytes:
+    """`raw` without its top-level `"usage":null` member, touching no other byte when possible."""
+    if raw.count(b'"usage"') == 1:  # the key is nowhere else (nested, or as a string value)
+        new, n = _USAGE_NULL_AFTER.subn(b"", raw)
+        if n != 1:
+            new, n = _USAGE_NULL_FIRST.subn(b"", raw)
+        if n == 1:
+            return new
+    # Unusual spacing, or `"usage"` also elsewhere in the chunk: re-serialize this one chunk.
+    rest = {k: v for k, v in obj.items() if k != "usage"}
+    line_end = b"\r" if raw.endswith(b"\r") else b""
+    return b"data: " + json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode() + line_end
+
+
+class JSONTap:
+    """Reads usage from a non-stream JSON body: a capped copy, parsed once by `close()`.
+
+    When the body is larger than `cap`, the copy is dropped and only a rolling window of the last
+    `JSON_TAIL_BYTES` is kept; `usage` (which OpenAI puts after the payload) is then searched there.
+
+    Attributes (after `close()`): usage, model, output_bytes, error (`{"error": ...}` body),
+    overflowed, size (bytes seen).
+    """
+
+    __slots__ = ("_buf", "cap", "error", "model", "output_bytes", "overflowed", "size", "usage")
+
+    def __init__(self, *, cap: int = DEFAULT_JSON_CAP) -> None:
+        self.cap = cap
+        self._buf = bytearray()
+        self.size = 0
+        self.overflowed = False
+        self.usage: ReportedUsage | None = None
+        self.model: str | None = None
+        self.output_bytes = 0
+        self.error = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Observe `chunk` (forwarded unchanged by the caller)."""
+        self.size += len(chunk)
+        self._buf += chunk
+        if len(self._buf) > self.cap:
+            self.overflowed = True
+        if self.overflowed and len(self._buf) > JSON_TAIL_BYTES:
+            del self._buf[: len(self._buf) - JSON_TAIL_BYTES]
+
+    def close(self) -> None:
+        """Parse what was kept."""
+        buf = bytes(self._buf)
+        self._buf = bytearray()
+        if self.overflowed:
+            self.usage = _usage_in_tail(buf)
+            return
+        try:
+            obj = json.loads(buf)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        model = obj.get("model")
+        if isinstance(model, str):
+            self.model = model
+        self.usage = parse_usage(obj.get("usage"))
+        self.output_bytes = output_text_bytes(obj)
+        self.error = "error" in obj and obj["error"] is not None
+
+
+def _usage_in_tail(buf: bytes) -> ReportedUsage | None:
+    """The last parseable `"usage": {...}` object in the tail of a large JSON body."""
+    decoder = json.JSONDecoder()
+    text = buf.decode("utf-8", "replace")
+    for match in reversed(list(_USAGE_KEY.finditer(buf))):
+        brace = len(buf[: match.end() - 1].decode("utf-8", "replace"))
+        try:
+            value, _ = decoder.raw_decode(text, brace)
+        except ValueError:
+            continue
+        parsed = parse_usage(value)
+        if parsed is not None:
+            return parsed
+    return None

@@ -1,0 +1,337 @@
+"""Usage taps: SSE and JSON, every shape of usage, lines split anywhere, junk, caps, and rewriting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orq_proxy.metering.pricing import TokenUsage
+from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap, output_text_bytes, parse_usage
+
+CHAT_USAGE = {
+    "prompt_tokens": 11,
+    "completion_tokens": 7,
+    "total_tokens": 18,
+    "prompt_tokens_details": {"cached_tokens": 3, "audio_tokens": 1},
+    "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 4},
+}
+CHAT_EXPECTED = ReportedUsage(TokenUsage(11, 7, 3, 2, 1, 4), 18)
+RESPONSES_USAGE = {
+    "input_tokens": 20,
+    "input_tokens_details": {"cached_tokens": 5},
+    "output_tokens": 9,
+    "output_tokens_details": {"reasoning_tokens": 4},
+    "total_tokens": 29,
+}
+RESPONSES_EXPECTED = ReportedUsage(TokenUsage(20, 9, 5, 4), 29)
+
+
+def chunk(content: str | None = None, *, usage: Any = "absent", choices: Any = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o"}
+    obj["choices"] = choices if choices is not None else [{"index": 0, "delta": {"content": content}}]
+    if usage != "absent":
+        obj["usage"] = usage
+    return obj
+
+
+def sse(*objs: Any, done: bool = True, eol: str = "\n") -> bytes:
+    out = "".join(f"data: {json.dumps(o, separators=(',', ':'))}{eol}{eol}" for o in objs)
+    if done:
+        out += f"data: [DONE]{eol}{eol}"
+    return out.encode()
+
+
+CHAT_STREAM = sse(chunk("Hello"), chunk(" world"), chunk(choices=[], usage=CHAT_USAGE))
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (CHAT_USAGE, CHAT_EXPECTED),
+        (RESPONSES_USAGE, RESPONSES_EXPECTED),
+        ({"prompt_tokens": 5, "total_tokens": 5}, ReportedUsage(TokenUsage(5, 0), 5)),  # embeddings
+        ({"prompt_tokens": 2, "completion_tokens": 3}, ReportedUsage(TokenUsage(2, 3), 5)),  # no total
+        (
+            {"prompt_tokens": True, "completion_tokens": -1, "total_tokens": "x"},
+            ReportedUsage(TokenUsage(), 0),
+        ),
+        ({"input_tokens": 1, "input_tokens_details": None}, ReportedUsage(TokenUsage(1), 1)),
+        ({"foo": 1}, None),
+        (None, None),
+        ([1, 2], None),
+    ],
+)
+def test_parse_usage_shapes(usage: Any, expected: ReportedUsage | None) -> None:
+    """Every OpenAI usage shape parses; junk counts as zero; non-usage is None."""
+    assert parse_usage(usage) == expected
+
+
+@pytest.mark.parametrize("split", range(len(CHAT_STREAM) + 1))
+def test_sse_split_at_every_byte(split: int) -> None:
+    """The usage is found whatever byte the stream is cut at."""
+    tap = SSETap()
+    tap.feed(CHAT_STREAM[:split])
+    tap.feed(CHAT_STREAM[split:])
+    tap.close()
+    assert tap.usage == CHAT_EXPECTED
+    assert tap.model == "gpt-4o"
+    assert tap.done and not tap.error
+    assert tap.output_bytes == len("Hello world")
+
+
+def test_sse_one_byte_at_a_time_with_crlf() -> None:
+    """CRLF line endings and one-byte chunks."""
+    data = sse(chunk("Hi"), chunk(choices=[], usage=CHAT_USAGE), eol="\r\n")
+    tap = SSETap()
+    for i in range(len(data)):
+        tap.feed(data[i : i + 1])
+    tap.close()
+    assert tap.usage == CHAT_EXPECTED and tap.done and tap.events == 2
+
+
+def test_sse_skips_junk_and_keeps_last_usage() -> None:
+    """Comments, other fields, bad JSON, non-objects and empty data are skipped; the last usage wins."""
+    data = (
+        b": keep-alive\n\nevent: ping\nid: 3\nretry: 10\ndata:\ndata: {not json\ndata: [1,2]\n"
+        b"data: null\n\n"
+        + sse(chunk(choices=[], usage={"prompt_tokens": 1, "completion_tokens": 1}), done=False)
+        + b"data:"
+        + json.dumps(chunk(choices=[], usage=CHAT_USAGE)).encode()
+        + b"\n\n"  # no space after colon
+    )
+    tap = SSETap()
+    tap.feed(data)
+    tap.close()
+    assert tap.usage == CHAT_EXPECTED
+    assert not tap.done
+
+
+def test_sse_last_line_without_newline_counts_at_close() -> None:
+    """A final line with no newline is read by close()."""
+    tap = SSETap()
+    tap.feed(b"data: " + json.dumps(chunk(choices=[], usage=CHAT_USAGE)).encode())
+    assert tap.usage is None
+    tap.close()
+    assert tap.usage == CHAT_EXPECTED
+
+
+def test_sse_responses_api_completed() -> None:
+    """Responses API: deltas counted, usage from `response.completed`, model from the response."""
+    events = [
+        {"type": "response.created", "response": {"model": "gpt-4o-2024", "usage": None}},
+        {"type": "response.output_text.delta", "delta": "abc"},
+        {"type": "response.output_text.delta", "delta": "de"},
+        {"type": "response.completed", "response": {"model": "gpt-4o-2024", "usage": RESPONSES_USAGE}},
+    ]
+    data = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    tap = SSETap()
+    tap.feed(data)
+    tap.close()
+    assert tap.usage == RESPONSES_EXPECTED
+    assert tap.model == "gpt-4o-2024" and tap.output_bytes == 5 and tap.done and not tap.error
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "response.failed", "response": {"usage": None}},
+        {"type": "error", "message": "x"},
+        {"error": {}},
+    ],
+)
+def test_sse_error_events_flagged(event: dict[str, Any]) -> None:
+    """An error carried inside a 200 stream is flagged."""
+    tap = SSETap()
+    tap.feed(sse(event, done=False))
+    assert tap.error
+
+
+def test_sse_legacy_completions_text_counted() -> None:
+    """Legacy completion chunks: `choices[].text` counts as output; usage chunk read."""
+    tap = SSETap()
+    tap.feed(sse({"choices": [{"text": "abcd"}]}, {"choices": [], "usage": CHAT_USAGE}))
+    assert tap.usage == CHAT_EXPECTED and tap.output_bytes == 4
+
+
+def test_sse_overlong_line_skipped_bounded() -> None:
+    """A line over the cap is skipped without being kept; the next line is read normally."""
+    tap = SSETap(line_cap=100)
+    tap.feed(b"data: " + b"x" * 150)
+    tap.feed(b"y" * 500)
+    assert len(tap._tail) == 0 and tap.overflowed
+    tap.feed(b"zz\n" + sse(chunk(choices=[], usage=CHAT_USAGE)))
+    assert tap.usage == CHAT_EXPECTED
+
+
+def test_sse_tail_never_exceeds_cap() -> None:
+    """Memory stays bounded by the cap whatever arrives."""
+    tap = SSETap(line_cap=64)
+    for _ in range(100):
+        tap.feed(b"a" * 50)
+        assert len(tap._tail) <= 64
+
+
+# -- rewriting -------------------------------------------------------------------------------------
+def injected_stream(eol: str = "\n") -> tuple[bytes, bytes]:
+    """(what the upstream sends with include_usage, what it would send without it)."""
+    with_usage = sse(
+        chunk("Hello", usage=None), chunk(" you", usage=None), chunk(choices=[], usage=CHAT_USAGE), eol=eol
+    )
+    without = sse(chunk("Hello"), chunk(" you"), eol=eol)
+    return with_usage, without
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+@pytest.mark.parametrize("split", range(0, 400, 7))
+def test_rewrite_hides_injected_usage(split: int, eol: str) -> None:
+    """Rewriting yields exactly the stream without include_usage, and still reads the usage."""
+    upstream, expected = injected_stream(eol)
+    tap = SSETap(hide_usage=True)
+    out = tap.rewrite(upstream[:split]) + tap.rewrite(upstream[split:], final=True)
+    assert out == expected
+    assert tap.usage == CHAT_EXPECTED
+
+
+def test_rewrite_forwards_complete_lines_at_once() -> None:
+    """Each complete line goes out immediately; only an unfinished line is held back."""
+    tap = SSETap(hide_usage=True)
+    first = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n'
+    assert tap.rewrite(first + b'\ndata: {"cho') == b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    assert tap.rewrite(b'ices":[]}\n') == b'data: {"choices":[]}\n'  # no usage key: unchanged
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'data: {"usage":null,"a":1}', b'data: {"a":1}'),
+        (b'data: {"usage": null, "a": 1}', b'data: {"a": 1}'),
+        (b'data: {"a":1, "usage" : null }', b'data: {"a":1 }'),
+        (b'data: {"usage":null}', b"data: {}"),
+        (b'data: {"a":{"usage":null},"usage":null}', b'data: {"a":{"usage":null}}'),
+        (b'data: {"a":"\\"usage\\":null","usage":null}', b'data: {"a":"\\"usage\\":null"}'),
+        (b'data: {"a":{"usage":null,"b":2},"usage":null,"c":3}', b'data: {"a":{"usage":null,"b":2},"c":3}'),
+        (b'data: {"usage":null,"a":{"b":1,"usage":null}}', b'data: {"a":{"b":1,"usage":null}}'),
+        (b'data: {"a": "usage", "usage": null}', b'data: {"a":"usage"}'),
+        (b'data: {"a":1,"usage":null}\r', b'data: {"a":1}\r'),
+    ],
+)
+def test_rewrite_strips_only_top_level_usage_null(line: bytes, expected: bytes) -> None:
+    """`"usage":null` is removed from the chunk object only, touching as little as possible."""
+    tap = SSETap(hide_usage=True)
+    out = tap.rewrite(line + b"\n")
+    assert out == expected + b"\n"
+
+
+def test_rewrite_passes_overlong_lines_through_unchanged() -> None:
+    """A line over the rewrite cap is forwarded as it arrives, not held back."""
+    tap = SSETap(hide_usage=True, line_cap=32)
+    part1 = b'data: {"usage":null,"x":"' + b"a" * 40
+    assert tap.rewrite(part1) == part1
+    assert tap.rewrite(b'"}\n\n') == b'"}\n\n'
+    assert tap.rewrite(b'data: {"usage":null}\n') == b"data: {}\n"
+
+
+def test_rewrite_final_flushes_partial_line() -> None:
+    """The end of the body flushes a held-back line."""
+    tap = SSETap(hide_usage=True)
+    assert tap.rewrite(b"data: [DO") == b""
+    assert tap.rewrite(b"NE]", final=True) == b"data: [DONE]"
+    assert tap.done
+
+
+def test_rewrite_without_hiding_keeps_bytes() -> None:
+    """Rewriting mode with hide_usage off is the identity."""
+    upstream, _ = injected_stream()
+    tap = SSETap(hide_usage=False)
+    assert tap.rewrite(upstream, final=True) == upstream
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+CHAT_JSON = {
+    "id": "x",
+    "model": "gpt-4o-mini",
+    "choices": [
+        {
+            "message": {
+                "content": "héllo",
+                "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}, {"type": "x"}],
+            }
+        },
+        {"text": "abc"},
+        "junk",
+    ],
+    "usage": CHAT_USAGE,
+}
+
+
+@pytest.mark.parametrize("split", [0, 1, 10, 50, -1])
+def test_json_tap_chat(split: int) -> None:
+    """Chat JSON in two pieces: usage, model and generated-text bytes."""
+    data = json.dumps(CHAT_JSON).encode()
+    tap = JSONTap()
+    tap.feed(data[:split])
+    tap.feed(data[split:])
+    tap.close()
+    assert tap.usage == CHAT_EXPECTED and tap.model == "gpt-4o-mini"
+    assert tap.output_bytes == len("héllo".encode()) + 2 + 3
+    assert not tap.error
+
+
+def test_json_tap_responses_output_text() -> None:
+    """Responses JSON: usage with details; text and function-call arguments counted."""
+    body = {
+        "model": "m",
+        "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "hey"}, "x"]},
+            {"type": "function_call", "arguments": "{}"},
+            "junk",
+        ],
+        "usage": RESPONSES_USAGE,
+    }
+    tap = JSONTap()
+    tap.feed(json.dumps(body).encode())
+    tap.close()
+    assert tap.usage == RESPONSES_EXPECTED and tap.output_bytes == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [(b"not json", False), (b"[1]", False), (b'{"error":{"message":"x"}}', True), (b"", False)],
+)
+def test_json_tap_junk(body: bytes, error: bool) -> None:
+    """Unparseable or non-object bodies give no usage; an error body is flagged."""
+    tap = JSONTap()
+    tap.feed(body)
+    tap.close()
+    assert tap.usage is None and tap.error is error
+
+
+def test_json_tap_over_cap_finds_usage_in_tail() -> None:
+    """A body larger than the cap keeps only a bounded tail and still finds `usage` at its end."""
+    body = {
+        "data": [{"embedding": [0.1] * 50_000, "index": 0}],
+        "model": "e",
+        "usage": {"prompt_tokens": 9, "total_tokens": 9},
+    }
+    data = json.dumps(body).encode()
+    tap = JSONTap(cap=10_000)
+    for i in range(0, len(data), 4096):
+        tap.feed(data[i : i + 4096])
+        assert len(tap._buf) <= max(10_000 + 4096, 64 * 1024 + 4096)
+    tap.close()
+    assert tap.overflowed and tap.usage == ReportedUsage(TokenUsage(9), 9)
+
+
+def test_json_tap_over_cap_without_usage() -> None:
+    """Over the cap and no usage in the tail: None (the middleware will estimate)."""
+    tap = JSONTap(cap=10)
+    tap.feed(b'{"usage": {"a": 1}, "data": "' + b"x" * 100 + b'"}')
+    tap.close()
+    assert tap.usage is None
+
+
+def test_output_text_bytes_non_object() -> None:
+    """Anything but an object has no output text."""
+    assert output_text_bytes([1]) == 0 and output_text_bytes({"choices": "x", "output": "y"}) == 0
