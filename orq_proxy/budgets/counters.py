@@ -1,0 +1,320 @@
+"""Budget counters: reserve before forwarding, settle after, atomically across every matching budget.
+
+Per budget and period the counters hold what was spent (settled) and what is reserved by requests in
+flight. A request is admitted only if, for every budget that applies, `spent + reserved + estimate` stays
+within each limit; then the estimate is added to `reserved` of all of them at once (all-or-nothing).
+Settling replaces the estimate by the actual cost and tokens, exactly once; releasing drops it. Hence
+the invariant `spent + reserved <= limit` holds at every admission, and the only overshoot is what actual
+usage exceeded its estimate by (see docs/architecture.md, "Budget overshoot bound").
+
+Rate limits are a rolling 60-second window of admitted requests per budget (a released request still
+counts: it was admitted). Spend, tokens and requests are counted for every budget a request matches, also
+on dimensions the budget does not limit, so `usage` always shows all three.
+
+Failure policy: budgets fail closed. A backend that cannot answer raises; the middleware turns that into
+503 (or lets the request through when configured to fail open).
+
+`InMemoryCounters` never awaits between reading and writing, so each call is atomic on its event loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from ulid import ULID
+
+from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Alert, Budget, Period, Usage
+from orq_proxy.budgets.periods import window
+
+__all__ = [
+    "RATE_WINDOW_SECONDS",
+    "AlertCrossing",
+    "Counters",
+    "Dimension",
+    "InMemoryCounters",
+    "Rejection",
+    "Reservation",
+    "ReservedBudget",
+]
+
+RATE_WINDOW_SECONDS = 60.0
+
+Dimension = Literal["cost", "tokens", "requests"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReservedBudget:
+    """One budget's part of a reservation: the window it was reserved in, and the amounts."""
+
+    budget: Budget
+    period_start: datetime
+    cost_nanos: int
+    tokens: int
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What `reserve` set aside for one request; settle or release it exactly once (later calls no-op)."""
+
+    reservation_id: str
+    workspace: str
+    parts: tuple[ReservedBudget, ...]
+    cost_nanos: int
+    tokens: int
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a request was refused: the first budget and dimension over its limit.
+
+    `limit`, `used` and `requested` are nano-USD for cost, tokens for tokens, requests for requests.
+    `resets_at` is when the budget frees up (period end, the rate window sliding, or the budget
+    expiring), None when it never does (ONE_TIME).
+    """
+
+    budget: Budget
+    dimension: Dimension
+    limit: int
+    used: int
+    requested: int
+    resets_at: datetime | None
+
+    def retry_after(self, now: datetime) -> float | None:
+        """Seconds until `resets_at`, or None."""
+        return None if self.resets_at is None else max(0.0, (self.resets_at - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCrossing:
+    """An alert whose threshold the budget's spend reached in this period, for the first time."""
+
+    budget: Budget
+    alert: Alert
+    used_nanos: int
+    limit_nanos: int
+    period_start: datetime
+    period_end: datetime | None
+    at: datetime
+
+
+class Counters(Protocol):
+    """Per-budget period counters and rate windows. Every method is atomic with respect to the others.
+
+    Implementations: `InMemoryCounters` (one process), `RedisCounters` (many replicas, one Lua script).
+    """
+
+    async def reserve(
+        self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
+    ) -> Reservation | Rejection:
+        """Reserve `cost_nanos` and `tokens` against every budget, and count one request, or none of it."""
+        ...
+
+    async def settle(
+        self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
+    ) -> list[AlertCrossing]:
+        """Replace the reservation by the actual usage (once; later calls no-op); return alerts crossed."""
+        ...
+
+    async def release(self, reservation: Reservation, now: datetime) -> None:
+        """Drop the reservation without charging anything (once; later calls no-op)."""
+        ...
+
+    async def usage(self, budget: Budget, now: datetime) -> Usage:
+        """Settled consumption in the current period; requests in the last 60 s."""
+        ...
+
+    async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
+        """`usage` of several budgets (one round trip for remote backends)."""
+        ...
+
+    async def reset(self, budget: Budget, now: datetime) -> None:
+        """Zero the current period's spend, tokens and request window; re-arm its alerts.
+
+        Reservations in flight stay reserved and settle normally.
+        """
+        ...
+
+    async def forget(self, budget_id: str) -> None:
+        """Drop every counter of a deleted budget."""
+        ...
+
+
+@dataclass(slots=True)
+class _State:
+    period: Period
+    time_zone: str | None
+    start: datetime
+    end: datetime | None
+    spent_nanos: int = 0
+    spent_tokens: int = 0
+    reserved_nanos: int = 0
+    reserved_tokens: int = 0
+    requests: deque[float] = field(default_factory=deque)
+    fired: set[str] = field(default_factory=set)
+
+
+class InMemoryCounters:
+    """`Counters` in this process's memory. Calls never await internally, so each one is atomic."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, _State] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _state(self, budget: Budget, now: datetime) -> _State:
+        """The budget's state for the window containing `now`, rolling over to a new window if needed."""
+        period = budget.effective_period
+        state = self._states.get(budget.budget_id)
+        if state is not None and state.period is period and state.time_zone == budget.time_zone:
+            if state.end is None or (state.start <= now < state.end):
+                return state
+            if now < state.start:
+                return state  # a clock that went back a little: keep counting in the current window
+        start, end = window(period, now, budget.time_zone)
+        if state is None:
+            state = self._states[budget.budget_id] = _State(period, budget.time_zone, start, end)
+            return state
+        # A new window (or a new period kind): consumption and reservations of the old one are history.
+        state.period, state.time_zone, state.start, state.end = period, budget.time_zone, start, end
+        state.spent_nanos = state.spent_tokens = state.reserved_nanos = state.reserved_tokens = 0
+        state.fired.clear()
+        return state
+
+    @staticmethod
+    def _prune(state: _State, now_ts: float) -> deque[float]:
+        window_start = now_ts - RATE_WINDOW_SECONDS
+        requests = state.requests
+        while requests and requests[0] <= window_start:
+            requests.popleft()
+        return requests
+
+    @staticmethod
+    def _resets(budget: Budget, end: datetime | None) -> datetime | None:
+        if budget.expires_at is not None and (end is None or budget.expires_at < end):
+            return budget.expires_at
+        return end
+
+    # -- protocol ----------------------------------------------------------------------------------------
+
+    async def reserve(
+        self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
+    ) -> Reservation | Rejection:
+        now_ts = now.timestamp()
+        states = [self._state(b, now) for b in budgets]
+        # Check every budget first; write only if all pass (all-or-nothing, no await in between).
+        for budget, state in zip(budgets, states, strict=True):
+            rejection = self._check(budget, state, cost_nanos, tokens, now, now_ts)
+            if rejection is not None:
+                return rejection
+        parts = []
+        for budget, state in zip(budgets, states, strict=True):
+            state.reserved_nanos += cost_nanos
+            state.reserved_tokens += tokens
+            self._prune(state, now_ts).append(now_ts)
+            parts.append(ReservedBudget(budget, state.start, cost_nanos, tokens))
+        return Reservation(str(ULID()), workspace, tuple(parts), cost_nanos, tokens)
+
+    def _check(
+        self, budget: Budget, state: _State, cost_nanos: int, tokens: int, now: datetime, now_ts: float
+    ) -> Rejection | None:
+        rpm = budget.requests_per_minute
+        if rpm is not None:
+            requests = self._prune(state, now_ts)
+            if len(requests) >= rpm:
+                # Free again when the oldest request that keeps the window full slides out of it.
+                oldest = requests[len(requests) - rpm]
+                resets = now + timedelta(seconds=oldest + RATE_WINDOW_SECONDS - now_ts)
+                return Rejection(budget, "requests", rpm, len(requests), 1, resets)
+        limit = budget.amount_nanos
+        if limit is not None:
+            used = state.spent_nanos + state.reserved_nanos
+            # Reaching the limit closes the budget even for requests priced at zero (unknown models).
+            if used >= limit or used + cost_nanos > limit:
+                return Rejection(budget, "cost", limit, used, cost_nanos, self._resets(budget, state.end))
+        limit = budget.token_limit
+        if limit is not None:
+            used = state.spent_tokens + state.reserved_tokens
+            if used >= limit or used + tokens > limit:
+                return Rejection(budget, "tokens", limit, used, tokens, self._resets(budget, state.end))
+        return None
+
+    async def settle(
+        self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
+    ) -> list[AlertCrossing]:
+        if reservation.done:
+            return []
+        reservation.done = True
+        crossings: list[AlertCrossing] = []
+        for part in reservation.parts:
+            budget = part.budget
+            if budget.budget_id not in self._states:
+                continue  # deleted meanwhile
+            state = self._state(budget, now)
+            if state.start == part.period_start:
+                self._unreserve(state, part)
+            # else: the window rolled over while the request ran; its reservation went with the old window,
+            # and the actual usage counts in the window the request finished in.
+            state.spent_nanos += actual_cost_nanos
+            state.spent_tokens += actual_tokens
+            crossings.extend(self._crossed(budget, state, now))
+        return crossings
+
+    @staticmethod
+    def _unreserve(state: _State, part: ReservedBudget) -> None:
+        state.reserved_nanos = max(0, state.reserved_nanos - part.cost_nanos)
+        state.reserved_tokens = max(0, state.reserved_tokens - part.tokens)
+
+    @staticmethod
+    def _crossed(budget: Budget, state: _State, now: datetime) -> list[AlertCrossing]:
+        limit = budget.amount_nanos
+        if not budget.alerts or not limit:
+            return []
+        out = []
+        for alert in budget.alerts:
+            if alert.dimension != ALERT_DIMENSION_COST or alert.id in state.fired:
+                continue
+            if state.spent_nanos * 100 >= alert.threshold_percent * limit:
+                state.fired.add(alert.id)
+                out.append(
+                    AlertCrossing(budget, alert, state.spent_nanos, limit, state.start, state.end, now)
+                )
+        return out
+
+    async def release(self, reservation: Reservation, now: datetime) -> None:
+        if reservation.done:
+            return
+        reservation.done = True
+        for part in reservation.parts:
+            state = self._states.get(part.budget.budget_id)
+            if state is not None and state.start == part.period_start:
+                self._unreserve(state, part)
+
+    async def usage(self, budget: Budget, now: datetime) -> Usage:
+        if budget.budget_id not in self._states:
+            return Usage()
+        state = self._state(budget, now)
+        requests = self._prune(state, now.timestamp())
+        return Usage(state.spent_nanos, state.spent_tokens, len(requests))
+
+    async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
+        return [await self.usage(b, now) for b in budgets]
+
+    async def reset(self, budget: Budget, now: datetime) -> None:
+        state = self._states.get(budget.budget_id)
+        if state is None:
+            return
+        state = self._state(budget, now)
+        state.spent_nanos = state.spent_tokens = 0
+        state.requests.clear()
+        state.fired.clear()
+
+    async def forget(self, budget_id: str) -> None:
+        self._states.pop(budget_id, None)
