@@ -87,6 +87,7 @@ class _SinkQueue:
         self.queue: deque[UsageEvent] = deque()
         self.max_queue = max_queue
         self.stats = SinkStats(name=name)
+        self.inflight: list[UsageEvent] = []  # the batch being written (popped from `queue`)
         self.wake: asyncio.Event | None = None
         self.worker: asyncio.Task[None] | None = None
 
@@ -198,9 +199,10 @@ class EventBus:
             if pending:
                 await asyncio.wait(pending)
         for q in self._queues:
-            if q.queue:
-                lost = len(q.queue)
+            lost = len(q.queue) + len(q.inflight)
+            if lost:
                 q.queue.clear()
+                q.inflight = []
                 q.stats.dropped_shutdown += lost
                 logger.error("sink %s: %d events not written before shutdown, dropped", q.stats.name, lost)
             q.worker = None
@@ -220,7 +222,7 @@ class EventBus:
             out.append(
                 SinkStats(
                     name=s.name,
-                    queued=len(q.queue),
+                    queued=len(q.queue) + len(q.inflight),
                     written=s.written,
                     failed_batches=s.failed_batches,
                     dropped_full=s.dropped_full,
@@ -238,7 +240,7 @@ class EventBus:
     @property
     def depth(self) -> int:
         """Events waiting, over every sink."""
-        return sum(len(q.queue) for q in self._queues)
+        return sum(len(q.queue) + len(q.inflight) for q in self._queues)
 
     # -- workers -------------------------------------------------------------------------------------
     async def _work(self, q: _SinkQueue) -> None:
@@ -262,8 +264,9 @@ class EventBus:
         """Write batches from the head of `q` (one batch when `once`)."""
         while q.queue:
             n = min(len(q.queue), self.batch_size)
-            batch = [q.queue.popleft() for _ in range(n)]
+            batch = q.inflight = [q.queue.popleft() for _ in range(n)]
             await self._deliver(q, batch)
+            q.inflight = []
             if once:
                 return
 

@@ -1,0 +1,149 @@
+"""Built-in sinks (memory, JSON Lines, DuckDB) and `build_sinks` from config."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from orq_proxy.config import ProxyConfig
+from orq_proxy.metering.events import UsageEvent
+from orq_proxy.sinks.base import EventBus, build_sinks
+from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore, DuckDBSink
+from orq_proxy.sinks.jsonl import JsonlSink
+from orq_proxy.sinks.memory import MemorySink
+
+
+def make_event(i: int, **kw: object) -> UsageEvent:
+    data: dict[str, object] = {
+        "event_id": f"ev{i:04d}",
+        "timestamp": datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC),
+        "workspace": "ws",
+        "project": "pr",
+        "api_key_id": "key",
+        "identity": "user_1",
+        "identity_source": "header",
+        "identity_tags": ["beta", "vip"],
+        "provider": "openai",
+        "model": "openai/gpt-4o",
+        "product": "chat.completions",
+        "input_tokens": 10 + i,
+        "output_tokens": 5,
+        "total_tokens": 15 + i,
+        "total_cost_nanos": 123_456_789_012,
+        "latency_ms": 12.5,
+        "ttft_ms": None,
+        "metadata": {"team": "a"},
+    }
+    data.update(kw)
+    return UsageEvent.model_validate(data)
+
+
+async def test_memory_sink_keeps_newest_when_capped() -> None:
+    """`max_events` keeps the newest events."""
+    sink = MemorySink(max_events=2)
+    await sink.write([make_event(1), make_event(2), make_event(3)])
+    assert [e.event_id for e in sink.events] == ["ev0002", "ev0003"]
+    with pytest.raises(ValueError):
+        MemorySink(max_events=0)
+
+
+async def test_jsonl_sink_appends_lines_that_round_trip(tmp_path: Path) -> None:
+    """Each event is one JSON line; batches append; lines parse back to equal events."""
+    path = tmp_path / "sub" / "events.jsonl"
+    sink = JsonlSink(path)
+    await sink.write([make_event(1), make_event(2)])
+    await sink.write([])
+    await sink.write([make_event(3, ttft_ms=4.5)])
+    await sink.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    back = [UsageEvent.model_validate_json(line) for line in lines]
+    assert back == [make_event(1), make_event(2), make_event(3, ttft_ms=4.5)]
+    assert json.loads(lines[0])["total_cost_nanos"] == 123_456_789_012
+
+
+async def test_duckdb_sink_rows_match_events() -> None:
+    """Every column lands as written: timestamps (naive UTC), lists, NULLs, JSON metadata, big ints."""
+    store = DuckDBEventStore()
+    sink = DuckDBSink(store)
+    events = [make_event(i, ttft_ms=1.25 if i else None) for i in range(3)]
+    await sink.write(events)
+    await sink.write([])
+    cur = store.cursor()
+    rows = cur.execute(
+        f"SELECT event_id, ts, identity_tags, ttft_ms, metadata, total_cost_nanos, input_tokens "
+        f"FROM {EVENTS_TABLE} ORDER BY event_id"
+    ).fetchall()
+    assert rows[0] == (
+        "ev0000",
+        datetime(2026, 3, 4, 5, 6, 7, 890000),
+        ["beta", "vip"],
+        None,
+        '{"team":"a"}',
+        123_456_789_012,
+        10,
+    )
+    assert [r[3] for r in rows] == [None, 1.25, 1.25]
+    await sink.close()
+    assert store.count() == 3  # not owned: still open
+
+
+def test_duckdb_insert_is_all_or_nothing() -> None:
+    """A batch with a bad row inserts nothing, so a retry cannot duplicate the good rows."""
+    store = DuckDBEventStore()
+    good = make_event(1)
+    bad = make_event(2).model_copy(update={"input_tokens": "not a number"})
+    with pytest.raises(Exception):  # noqa: B017 - duckdb's conversion error type is not part of its API
+        store.insert([good, bad])
+    assert store.count() == 0
+    store.insert([good])
+    assert store.count() == 1
+
+
+async def test_duckdb_sink_owning_store_closes_it(tmp_path: Path) -> None:
+    """An owned file store is closed by the sink, and its rows persist."""
+    path = tmp_path / "ev.duckdb"
+    sink = DuckDBSink(DuckDBEventStore(str(path)), owns_store=True)
+    await sink.write([make_event(1)])
+    await sink.close()
+    again = DuckDBEventStore(str(path))
+    assert again.count() == 1
+    again.close()
+
+
+async def test_build_sinks_from_config(tmp_path: Path) -> None:
+    """The event store comes first, then each `[[sinks]]` entry, and events reach all of them."""
+    config = ProxyConfig.model_validate(
+        {
+            "sinks": [
+                {"type": "jsonl", "path": str(tmp_path / "a.jsonl")},
+                {"type": "memory"},
+                {"type": "duckdb", "path": str(tmp_path / "b.duckdb")},
+            ]
+        }
+    )
+    store = DuckDBEventStore()
+    sinks = build_sinks(config, store)
+    assert [type(s).__name__ for s in sinks] == ["DuckDBSink", "JsonlSink", "MemorySink", "DuckDBSink"]
+    bus = EventBus(sinks, flush_interval=0.01)
+    await bus.start()
+    bus.put_nowait(make_event(1))
+    await bus.stop(timeout=2)
+    assert store.count() == 1
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1
+    memory = sinks[2]
+    assert isinstance(memory, MemorySink) and len(memory.events) == 1
+    other = DuckDBEventStore(str(tmp_path / "b.duckdb"))
+    assert other.count() == 1
+    other.close()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "duckdb"])
+def test_build_sinks_requires_path(kind: str) -> None:
+    """A file sink without `path` is an error naming the entry and the key."""
+    config = ProxyConfig.model_validate({"sinks": [{"type": kind}]})
+    with pytest.raises(ValueError, match=r"sinks\[0\]\.path is required"):
+        build_sinks(config, DuckDBEventStore())
