@@ -22,6 +22,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orq_proxy.auth import AuthMiddleware, KeyRing, Principal, hash_key
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
+from orq_proxy.identities.api import IdentityBudgetHooks
+from orq_proxy.identities.api import routes as identity_routes
+from orq_proxy.identities.metrics import IdentityMetrics
+from orq_proxy.identities.middleware import IdentityMiddleware
+from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
@@ -151,10 +156,22 @@ def build_app(
 
     # ---- slices: shared objects (each slice builds its own here) ----
 
+    # identities: records (`[storage] state`: memory or sqlite:///path) and the 30-day metric rings.
+    identity_store: IdentityStore = overrides.get("identity_store") or identity_store_from_url(
+        config.storage.state, clock=clock
+    )
+    identity_metrics: IdentityMetrics = overrides.get("identity_metrics") or IdentityMetrics(clock=clock)
+    # `identity_metrics.record` is a metering listener (it must see every settled UsageEvent).
+    components.update(identity_store=identity_store, identity_metrics=identity_metrics)
+    shutdown.append(identity_store.close)
+    # The budgets slice sets this (include_budget on identities, and deleting an identity's budgets).
+    identity_budget_hooks: IdentityBudgetHooks | None = overrides.get("identity_budget_hooks")
+
     # ---- proxied stack, innermost first ----
     app: ASGIApp = upstream
     # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
     # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
+    app = IdentityMiddleware(app, store=identity_store)
     app = RoutingMiddleware(app, upstreams=config.upstreams.keys(), default=config.default_upstream)
     app = AuthMiddleware(app, keyring=keyring)
     # Outermost: request id, bounded body read, parse once; answers 500 if anything inside raises early.
@@ -171,6 +188,13 @@ def build_app(
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    routes += identity_routes(
+        keyring=keyring,
+        store=identity_store,
+        metrics=identity_metrics,
+        clock=clock,
+        budget_hooks=identity_budget_hooks,
+    )
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), *routes]
     shutdown.insert(0, _close_event_store(event_store))
     proxy = OrqProxy(

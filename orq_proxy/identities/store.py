@@ -488,7 +488,12 @@ def identity_store_from_url(url: str, *, clock: Clock | None = None) -> Identity
             raise ValueError(
                 f"[storage] state {url!r}: give a file path, e.g. sqlite:///var/lib/orq/state.db"
             )
+        import sqlite3
+
         from orq_proxy.identities.sqlite import SqliteIdentityStore
 
-        return SqliteIdentityStore(path, clock=clock)
+        try:
+            return SqliteIdentityStore(path, clock=clock)
+        except sqlite3.Error as exc:
+            raise ValueError(f"[storage] state {url!r}: cannot open the database: {exc}") from exc
     raise ValueError(f"[storage] state must be 'memory' or 'sqlite:///<path>', got {url!r}")

@@ -416,7 +416,7 @@ async def test_store_from_url(tmp_path: Path) -> None:
     assert isinstance(sqlite_store, SqliteIdentityStore)
     await sqlite_store.close()
     assert (tmp_path / "s.db").exists()
-    for bad in ("sqlite://", "postgres://x", "memroy"):
+    for bad in ("sqlite://", "postgres://x", "memroy", f"sqlite://{tmp_path}/no-such-dir/s.db"):
         with pytest.raises(ValueError, match=r"\[storage\] state"):
             identity_store_from_url(bad)
 
