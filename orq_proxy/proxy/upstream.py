@@ -1,7 +1,7 @@
 """`UpstreamApp`: the terminal ASGI app that forwards a request to its upstream and streams the answer back.
 
-One pooled `httpx.AsyncClient` on the `httpx-aiohttp` transport (DESIGN.md §7: httpx's own pool collapses
-under concurrency). Response bytes go to the client chunk by chunk as they arrive; nothing is buffered.
+One pooled `aiohttp.ClientSession`, used directly (docs/architecture.md, "Forwarding", says why not httpx on
+top of it). Response bytes go to the client chunk by chunk as they arrive; nothing is buffered.
 
 Failures, in OpenAI's error shape: upstream unreachable -> 502; no response headers within the upstream's
 `headers_timeout` -> 504; upstream 4xx/5xx pass through unchanged. A client that disconnects cancels the
@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
+import yarl
 from starlette.types import Message, Receive, Scope, Send
 
 from orq_proxy.context import RequestContext, get_context
@@ -52,6 +51,8 @@ _DROP_REQUEST = frozenset(
         b"expect",
     }
 )
+# aiohttp adds these unless told not to; the client's own values (if any) are forwarded instead.
+_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _DROP_RESPONSE = frozenset(
     {
         b"connection",
@@ -85,17 +86,12 @@ class UpstreamTarget:
 
 
 def _upstream_failure(exc: BaseException) -> tuple[int, str]:
-    """Map a transport exception to (status, message). httpx-aiohttp maps connect errors to
-    `ConnectTimeout`, so look at the aiohttp cause to tell "refused" (502) from "slow" (504)."""
-    cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
-        return 502, f"upstream unreachable: {cause}"
-    if isinstance(exc, httpx.ConnectTimeout) and not isinstance(cause, aiohttp.ServerTimeoutError):
-        return 502, f"upstream unreachable: {exc}"
-    if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError) or isinstance(
-        cause, aiohttp.ServerTimeoutError
-    ):
+    """Map a failure before the response headers to (status, message): too slow is 504, anything
+    else (refused, reset, DNS, TLS) is 502."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return 504, "upstream timed out before sending response headers"
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
+        return 502, f"upstream unreachable: {exc}"
     return 502, f"upstream connection failed: {exc or type(exc).__name__}"
 
 
@@ -106,7 +102,8 @@ class UpstreamApp:
         targets: provider name -> `UpstreamTarget`.
         max_connections: connection pool size across all upstreams.
 
-    The client is created lazily on first use (or by `startup()` from a lifespan) and closed by `aclose()`.
+    The client session is created lazily on first use (or by `startup()` from a lifespan) and closed by
+    `aclose()`.
     """
 
     def __init__(self, targets: Mapping[str, UpstreamTarget], *, max_connections: int = 1000) -> None:
@@ -114,34 +111,35 @@ class UpstreamApp:
             raise ValueError("at least one upstream target is needed")
         self.targets = dict(targets)
         self.max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        # aiohttp's sock_read bounds every wait for data, the headers included; the headers get their own
+        # (usually equal) bound from asyncio.timeout in _forward.
         self._timeouts = {
-            name: httpx.Timeout(t.read_timeout, connect=t.connect_timeout, pool=t.connect_timeout)
+            name: aiohttp.ClientTimeout(total=None, sock_connect=t.connect_timeout, sock_read=t.read_timeout)
             for name, t in self.targets.items()
         }
         self._auth = {
-            name: (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
+            name: ("authorization", f"Bearer {t.api_key}") if t.api_key else None
             for name, t in self.targets.items()
         }
 
-    def _make_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=self.max_connections, keepalive_expiry=30.0)
-        transport = AiohttpTransport(limits=limits, trust_env=False)
-        return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
-
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = self._make_client()
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30.0)
+            # No cookie jar: a proxy must not keep one client's upstream cookies for the next client.
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+            )
+        return self._session
 
     async def startup(self) -> None:
-        _ = self.client
+        _ = self.session
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # pragma: no cover - the dispatcher only sends http here
@@ -190,23 +188,30 @@ class UpstreamApp:
         if query:
             url += "?" + query.decode("latin-1")
         headers = [
-            (k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
         ]
-        headers.append((b"accept-encoding", b"identity"))
+        headers.append(("accept-encoding", "identity"))
         auth = self._auth[provider]
         if auth is not None:
             headers.append(auth)
         content = ctx.raw_body
         if ctx.body_changed and ctx.body is not None:
             content = json.dumps(ctx.body, separators=(",", ":"), ensure_ascii=False).encode()
-        client = self.client
-        request = client.build_request(
-            ctx.method, url, headers=headers, content=content or None, timeout=self._timeouts[provider]
-        )
+        session = self.session
         try:
             async with asyncio.timeout(target.headers_timeout):
-                response = await client.send(request, stream=True)
-        except (httpx.TransportError, TimeoutError, aiohttp.ClientError) as exc:
+                response = await session.request(
+                    ctx.method,
+                    yarl.URL(url, encoded=True),
+                    headers=headers,
+                    data=content or None,
+                    allow_redirects=False,
+                    timeout=self._timeouts[provider],
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             status, message = _upstream_failure(exc)
             ctx.upstream_error = message
             ctx.status_code = status
@@ -215,30 +220,34 @@ class UpstreamApp:
             await openai_error(status, message, code="upstream_error")(scope, _noop_receive, send)
             return
 
+        complete = False
         try:
-            ctx.status_code = response.status_code
+            ctx.status_code = response.status
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": _response_headers(response.headers.raw),
+                    "status": response.status,
+                    "headers": _response_headers(response.raw_headers),
                 }
             )
             try:
-                async for chunk in response.aiter_raw():
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (httpx.TransportError, aiohttp.ClientError) as exc:
+                async for chunk in response.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 ctx.upstream_error = f"upstream failed mid-response: {exc or type(exc).__name__}"
                 logger.warning("request %s: %s", ctx.request_id, ctx.upstream_error)
                 raise UpstreamStreamError(ctx.upstream_error) from exc
+            complete = True
             finishing[0] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await response.aclose()
+            if complete:
+                response.release()  # fully read: the connection goes back to the pool
+            else:
+                response.close()  # cancelled or broken: drop the connection, which stops the upstream
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Upstream response headers minus hop-by-hop ones; the upstream's own request id is kept as
     `x-upstream-request-id` because `x-request-id` is this proxy's."""
     out = []
