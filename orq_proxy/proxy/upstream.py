@@ -230,16 +230,25 @@ class UpstreamApp:
                     "headers": _response_headers(response.raw_headers),
                 }
             )
+            # With a known length, the chunk that completes the body is sent as the last message, which
+            # saves the server a separate empty write per response.
+            remaining = response.content_length
             try:
                 async for chunk in response.content.iter_any():
+                    if remaining is not None:
+                        remaining -= len(chunk)
+                        if remaining <= 0:
+                            complete = finishing[0] = True
+                            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                            break
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (TimeoutError, aiohttp.ClientError) as exc:
                 ctx.upstream_error = f"upstream failed mid-response: {exc or type(exc).__name__}"
                 logger.warning("request %s: %s", ctx.request_id, ctx.upstream_error)
                 raise UpstreamStreamError(ctx.upstream_error) from exc
-            complete = True
-            finishing[0] = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not complete:
+                complete = finishing[0] = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if complete:
                 response.release()  # fully read: the connection goes back to the pool
