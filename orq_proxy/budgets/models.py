@@ -18,7 +18,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from orq_proxy.metering.pricing import usd_to_nanos
 
@@ -311,7 +319,7 @@ class BudgetCreate(_Request):
     match: MatchIn | None = None
     limits: LimitsIn | None = None
     rate_limit: RateLimitIn | None = None
-    is_active: bool = True
+    is_active: StrictBool = True
     expires_at: datetime | None = None
     alerts: list[AlertIn] | None = Field(None, max_length=32)
     time_zone: str | None = Field(None, description="Extension: IANA zone of the period boundaries (UTC).")
@@ -347,12 +355,12 @@ class BudgetUpdate(_Request):
 
     limits: LimitsIn | None = None
     rate_limit: RateLimitIn | None = None
-    is_active: bool | None = None
+    is_active: StrictBool | None = None
     expires_at: datetime | None = None
-    clear_expires_at: bool | None = None
+    clear_expires_at: StrictBool | None = None
     match: MatchIn | None = None
     alerts: list[AlertIn] | None = Field(None, max_length=32)
-    clear_alerts: bool | None = None
+    clear_alerts: StrictBool | None = None
     time_zone: str | None = None
 
     @field_validator("expires_at")

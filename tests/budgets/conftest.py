@@ -1,0 +1,60 @@
+"""Budget test fixtures: `make_budget(...)` builds internal `Budget` records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from ulid import ULID
+
+from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind, derived_cel
+
+MakeBudget = Callable[..., Budget]
+
+T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def new_budget(
+    *,
+    kind: ScopeKind | None = ScopeKind.WORKSPACE,
+    target: str = "",
+    cel: str | None = None,
+    period: Period | None = Period.MONTHLY,
+    amount_nanos: int | None = None,
+    token_limit: int | None = None,
+    rpm: int | None = None,
+    alerts: tuple[Alert, ...] = (),
+    workspace: str = "default",
+    is_active: bool = True,
+    expires_at: datetime | None = None,
+    time_zone: str | None = None,
+    created_at: datetime = T0,
+    **extra: Any,
+) -> Budget:
+    if cel is None:
+        cel = derived_cel(kind, target) if kind is not None else ""
+    return Budget(
+        budget_id=extra.pop("budget_id", str(ULID())),
+        workspace=workspace,
+        scope_kind=kind,
+        scope_target=target,
+        cel=cel,
+        period=period,
+        amount_nanos=amount_nanos,
+        token_limit=token_limit,
+        requests_per_minute=rpm,
+        alerts=alerts,
+        is_active=is_active,
+        expires_at=expires_at,
+        created_at=created_at,
+        updated_at=extra.pop("updated_at", created_at),
+        time_zone=time_zone,
+    )
+
+
+@pytest.fixture
+def make_budget() -> MakeBudget:
+    """`make_budget(kind=..., target=..., amount_nanos=..., ...)` -> a `Budget` (defaults: workspace, monthly)."""
+    return new_budget
