@@ -47,6 +47,11 @@ _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplet
 _USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _USAGE_NULL_FIRST = re.compile(rb'(?<=\{)\s*"usage"\s*:\s*null\s*(,\s*)?')
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+_TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
+# Generated text in a chunk: chat `content`/`refusal`/`reasoning_content`, tool `arguments`, legacy
+# `text`, Responses `delta`. Escapes count as their escaped length (close enough for an estimate).
+_TEXT = re.compile(rb'"(?:content|text|delta|arguments|refusal|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_PARSE_FIRST = 3  # data lines always parsed at the start of a stream (model, shape)
 
 
 @dataclass(slots=True, frozen=True)
@@ -173,6 +178,7 @@ class SSETap:
 
     __slots__ = (
         "_drop_blank",
+        "_parsed",
         "_passthrough",
         "_tail",
         "done",
@@ -192,6 +198,7 @@ class SSETap:
         self._tail = b""
         self._passthrough = False  # rewriting: the current line overflowed and is being passed through
         self._drop_blank = False
+        self._parsed = 0
         self.usage: ReportedUsage | None = None
         self.model: str | None = None
         self.output_bytes = 0
@@ -284,7 +291,11 @@ class SSETap:
             return raw
         self._drop_blank = False
         obj = self._observe(raw)
-        if not self.hide_usage or not isinstance(obj, dict) or "usage" not in obj:
+        if not self.hide_usage or b'"usage"' not in raw:
+            return raw
+        if obj is None:  # not parsed: its usage is not an object, so it is (at most) `"usage":null`
+            return _strip_usage_null(raw)
+        if not isinstance(obj, dict) or "usage" not in obj:
             return raw
         usage = obj["usage"]
         if usage is None:
@@ -296,9 +307,28 @@ class SSETap:
 
     # -- parsing -----------------------------------------------------------------------------------
     def _observe(self, raw: bytes) -> Any:
-        """Parse one line; returns the `data:` JSON payload (None for anything else)."""
+        """Read one line. Most content chunks take a fast path (substring checks and one regex for the
+        generated text); a line that can matter (the first few, one with a `usage` object, an error, a
+        non-delta Responses event, `[DONE]`) is parsed as JSON and returned (None otherwise)."""
         if not raw.startswith(_DATA):
             return None
+        if (
+            self._parsed < _PARSE_FIRST
+            or len(raw) < 16
+            or (b'"usage"' in raw and _USAGE_KEY.search(raw) is not None)
+            or b'"error"' in raw
+        ):
+            return self._parse(raw)
+        if b'"type"' in raw:
+            kind = _TYPE.search(raw)
+            if kind is not None and not kind.group(1).endswith(b".delta"):
+                return self._parse(raw)
+        self.events += 1
+        for text in _TEXT.findall(raw):
+            self.output_bytes += len(text)
+        return None
+
+    def _parse(self, raw: bytes) -> Any:
         payload = raw[5:].strip()  # also strips `\r` and the optional space after the colon
         if not payload:
             return None
@@ -311,6 +341,7 @@ class SSETap:
             return None
         if not isinstance(obj, dict):
             return obj
+        self._parsed += 1
         self.events += 1
         model = obj.get("model")
         if isinstance(model, str):
@@ -325,7 +356,7 @@ class SSETap:
             self._observe_response_event(kind, obj)
         else:
             self.output_bytes += _choices_text_bytes(obj.get("choices"), "delta")
-            if "error" in obj:
+            if obj.get("error") is not None:
                 self.error = True
         return obj
 
@@ -347,7 +378,7 @@ class SSETap:
             self.error = True
 
 
-def _strip_usage_null(raw: bytes, obj: dict[str, Any]) -> bytes:
+def _strip_usage_null(raw: bytes, obj: dict[str, Any] | None = None) -> bytes:
     """`raw` without its top-level `"usage":null` member, touching no other byte when possible."""
     if raw.count(b'"usage"') == 1:  # the key is nowhere else (nested, or as a string value)
         new, n = _USAGE_NULL_AFTER.subn(b"", raw)
@@ -356,6 +387,13 @@ def _strip_usage_null(raw: bytes, obj: dict[str, Any]) -> bytes:
         if n == 1:
             return new
     # Unusual spacing, or `"usage"` also elsewhere in the chunk: re-serialize this one chunk.
+    if obj is None:
+        try:
+            obj = json.loads(raw[5:])
+        except ValueError:
+            return raw
+        if not isinstance(obj, dict) or "usage" not in obj or obj["usage"] is not None:
+            return raw
     rest = {k: v for k, v in obj.items() if k != "usage"}
     line_end = b"\r" if raw.endswith(b"\r") else b""
     return b"data: " + json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode() + line_end
@@ -367,8 +405,8 @@ class JSONTap:
     When the body is larger than `cap`, the copy is dropped and only a rolling window of the last
     `JSON_TAIL_BYTES` is kept; `usage` (which OpenAI puts after the payload) is then searched there.
 
-    Attributes (after `close()`): usage, model, output_bytes, error (`{"error": ...}` body),
-    overflowed, size (bytes seen).
+    Attributes (after `close()`): usage, model, output_bytes (generated text; counted only when there
+    is no usage), error (`{"error": ...}` body), overflowed, size (bytes seen).
     """
 
     __slots__ = ("_buf", "cap", "error", "model", "output_bytes", "overflowed", "size", "usage")
@@ -409,8 +447,9 @@ class JSONTap:
         if isinstance(model, str):
             self.model = model
         self.usage = parse_usage(obj.get("usage"))
-        self.output_bytes = output_text_bytes(obj)
-        self.error = "error" in obj and obj["error"] is not None
+        if self.usage is None:  # only an estimate needs the generated text
+            self.output_bytes = output_text_bytes(obj)
+        self.error = obj.get("error") is not None
 
 
 def _usage_in_tail(buf: bytes) -> ReportedUsage | None:

@@ -267,20 +267,20 @@ CHAT_JSON = {
 
 
 @pytest.mark.parametrize("split", [0, 1, 10, 50, -1])
-def test_json_tap_chat(split: int) -> None:
-    """Chat JSON in two pieces: usage, model and generated-text bytes."""
-    data = json.dumps(CHAT_JSON).encode()
+def test_json_tap_chat_without_usage(split: int) -> None:
+    """Chat JSON without usage, in two pieces: model and generated-text bytes (for an estimate)."""
+    data = json.dumps({**CHAT_JSON, "usage": None}).encode()
     tap = JSONTap()
     tap.feed(data[:split])
     tap.feed(data[split:])
     tap.close()
-    assert tap.usage == CHAT_EXPECTED and tap.model == "gpt-4o-mini"
+    assert tap.usage is None and tap.model == "gpt-4o-mini"
     assert tap.output_bytes == len("héllo".encode()) + 2 + 3
     assert not tap.error
 
 
 def test_json_tap_responses_output_text() -> None:
-    """Responses JSON: usage with details; text and function-call arguments counted."""
+    """Responses JSON: text and function-call arguments counted without usage; usage with details."""
     body = {
         "model": "m",
         "output": [
@@ -288,12 +288,15 @@ def test_json_tap_responses_output_text() -> None:
             {"type": "function_call", "arguments": "{}"},
             "junk",
         ],
-        "usage": RESPONSES_USAGE,
     }
     tap = JSONTap()
     tap.feed(json.dumps(body).encode())
     tap.close()
-    assert tap.usage == RESPONSES_EXPECTED and tap.output_bytes == 5
+    assert tap.usage is None and tap.output_bytes == 5
+    tap = JSONTap()
+    tap.feed(json.dumps({**body, "usage": RESPONSES_USAGE}).encode())
+    tap.close()
+    assert tap.usage == RESPONSES_EXPECTED and tap.output_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -335,3 +338,58 @@ def test_json_tap_over_cap_without_usage() -> None:
 def test_output_text_bytes_non_object() -> None:
     """Anything but an object has no output text."""
     assert output_text_bytes([1]) == 0 and output_text_bytes({"choices": "x", "output": "y"}) == 0
+
+
+def long_stream(n: int, *, usage_null: bool) -> list[dict[str, Any]]:
+    """A realistic chat stream: role chunk, `n` content chunks (one a tool call, one with escapes)."""
+    extra: dict[str, Any] = {"usage": None} if usage_null else {}
+    chunks: list[dict[str, Any]] = [
+        chunk(None, choices=[{"index": 0, "delta": {"role": "assistant"}}], **extra)
+    ]
+    for i in range(n):
+        chunks.append(chunk(f"w{i}", **extra))
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    chunks.append(chunk(choices=[{"index": 0, "delta": {"tool_calls": [call]}}], **extra))
+    chunks.append(chunk('say "hi"', **extra))
+    return chunks
+
+
+def test_sse_fast_path_after_first_lines() -> None:
+    """Past the first lines, content chunks take the fast path and still count text and find usage."""
+    chunks = long_stream(20, usage_null=True)
+    tap = SSETap()
+    tap.feed(sse(*chunks, chunk(choices=[], usage=CHAT_USAGE)))
+    tap.close()
+    text = sum(len(f"w{i}") for i in range(20)) + len('{"a":1}') + len('say "hi"')
+    # escaped text counts its escaped length: two quotes in `say "hi"`, six in the tool arguments
+    assert text <= tap.output_bytes <= text + 6
+    assert tap.usage == CHAT_EXPECTED and tap.done and tap.events == 24
+
+
+def test_sse_fast_path_responses_deltas() -> None:
+    """Many Responses deltas: counted on the fast path; a non-delta event still parsed."""
+    events = [{"type": "response.created", "response": {"model": "m"}}]
+    events += [
+        {"type": "response.output_text.delta", "delta": "abcd", "sequence_number": i} for i in range(10)
+    ]
+    events += [{"type": "response.failed", "response": {"usage": RESPONSES_USAGE}}]
+    tap = SSETap()
+    tap.feed(sse(*events, done=False))
+    assert tap.output_bytes == 40 and tap.usage == RESPONSES_EXPECTED and tap.error and tap.done
+
+
+def test_rewrite_long_stream_matches_stream_without_usage() -> None:
+    """Rewriting a long include_usage stream gives byte for byte the stream without include_usage."""
+    with_usage = sse(*long_stream(20, usage_null=True), chunk(choices=[], usage=CHAT_USAGE))
+    without = sse(*long_stream(20, usage_null=False))
+    tap = SSETap(hide_usage=True)
+    out = b"".join(tap.rewrite(with_usage[i : i + 37]) for i in range(0, len(with_usage), 37))
+    out += tap.rewrite(b"", final=True)
+    assert out == without and tap.usage == CHAT_EXPECTED
+
+
+def test_sse_error_after_first_lines_flagged() -> None:
+    """An error object late in a stream is still seen."""
+    tap = SSETap()
+    tap.feed(sse(*long_stream(5, usage_null=False), {"error": {"message": "overloaded"}}, done=False))
+    assert tap.error and not tap.done
