@@ -20,6 +20,12 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orq_proxy.auth import AuthMiddleware, KeyRing, Principal, hash_key
+from orq_proxy.budgets.alerts import AlertDispatcher
+from orq_proxy.budgets.api import BudgetIdentityHooks
+from orq_proxy.budgets.api import routes as budget_routes
+from orq_proxy.budgets.counters import Counters, InMemoryCounters
+from orq_proxy.budgets.middleware import BudgetMiddleware
+from orq_proxy.budgets.store import BudgetStore, InMemoryBudgetStore
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
 from orq_proxy.identities.api import IdentityBudgetHooks
@@ -27,9 +33,13 @@ from orq_proxy.identities.api import routes as identity_routes
 from orq_proxy.identities.metrics import IdentityMetrics
 from orq_proxy.identities.middleware import IdentityMiddleware
 from orq_proxy.identities.store import IdentityStore, identity_store_from_url
+from orq_proxy.metering.middleware import MeteringMiddleware
+from orq_proxy.metering.pricing import Pricer
+from orq_proxy.metering.prometheus import PrometheusMetrics, prometheus_route
 from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
+from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 
 __all__ = ["OrqProxy", "build_app", "keyring_from_config"]
@@ -164,11 +174,55 @@ def build_app(
     # `identity_metrics.record` is a metering listener (it must see every settled UsageEvent).
     components.update(identity_store=identity_store, identity_metrics=identity_metrics)
     shutdown.append(identity_store.close)
-    # The budgets slice sets this (include_budget on identities, and deleting an identity's budgets).
-    identity_budget_hooks: IdentityBudgetHooks | None = overrides.get("identity_budget_hooks")
+    # budgets: records + scope/CEL index, counters (reservations, periods, RPM windows), alert webhooks.
+    # The gate prices its estimates with metering's `pricer` (below), so estimate and actual agree.
+    budget_store: BudgetStore = overrides.get("budget_store") or InMemoryBudgetStore()
+    budget_counters: Counters = overrides.get("budget_counters") or InMemoryCounters()
+    budget_alerts: AlertDispatcher = overrides.get("budget_alerts") or AlertDispatcher(config.notifiers)
+    components.update(budget_store=budget_store, budget_counters=budget_counters, budget_alerts=budget_alerts)
+    startup.append(budget_alerts.start)
+    shutdown.append(budget_alerts.aclose)
+    # include_budget on identities, and deleting an identity deletes its identity-scoped budget.
+    identity_budget_hooks: IdentityBudgetHooks | None = overrides.get(
+        "identity_budget_hooks"
+    ) or BudgetIdentityHooks(budget_store, budget_counters)
+
+    # metering: prices (genai-prices + `[prices."provider/model"]`), the sink bus (the event store that
+    # reporting reads, `[[sinks]]`, and `sinks=[...]` passed here), Prometheus counters for /metrics.
+    pricer: Pricer = overrides.get("pricer") or Pricer(
+        {
+            ref: (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+            for ref, p in config.prices.items()
+        }
+    )
+    extra_sinks: list[UsageSink] = list(overrides.get("sinks") or ())
+    bus: EventBus = overrides.get("bus") or EventBus([*build_sinks(config, event_store), *extra_sinks])
+    prom: PrometheusMetrics = overrides.get("prom") or PrometheusMetrics()
+    components.update(pricer=pricer, bus=bus, prom=prom)
+    startup.append(bus.start)
+    shutdown.append(bus.stop)  # runs before the event store closes: queued events are flushed into it
+    routes.append(prometheus_route(prom, bus))
 
     # ---- proxied stack, innermost first ----
     app: ASGIApp = upstream
+    # Metering wraps the upstream directly: it sees exactly the bytes the client gets, and settles after
+    # everything outside it (budget reservation via ctx.settle_hooks, identity metrics as a listener).
+    app = MeteringMiddleware(
+        app, bus=bus, pricer=pricer, clock=clock, listeners=[identity_metrics.record], prom=prom
+    )
+    # Budget: inside Identity (it matches on ctx.identity), outside Metering (whose settle hook settles
+    # the reservation with the actual usage; without metering a reservation is only released).
+    app = budget_gate = BudgetMiddleware(
+        app,
+        store=budget_store,
+        counters=budget_counters,
+        pricer=pricer,
+        clock=clock,
+        default_max_output_tokens=config.budgets.default_max_output_tokens,
+        fail_open=config.budgets.fail_open,
+        alerts=budget_alerts,
+    )
+    components["budget_gate"] = budget_gate
     # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
     # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
     app = IdentityMiddleware(app, store=identity_store)
@@ -194,6 +248,9 @@ def build_app(
         metrics=identity_metrics,
         clock=clock,
         budget_hooks=identity_budget_hooks,
+    )
+    routes += budget_routes(
+        keyring=keyring, store=budget_store, counters=budget_counters, clock=clock, notifiers=config.notifiers
     )
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), *routes]
     shutdown.insert(0, _close_event_store(event_store))
