@@ -90,13 +90,36 @@ def step_unknown_provider(run: DemoRun) -> None:
     import openai
 
     try:
-        run.openai().chat.completions.create(model="acme/model-x", messages=[{"role": "user", "content": "hi"}])
+        run.openai().chat.completions.create(
+            model="acme/model-x", messages=[{"role": "user", "content": "hi"}]
+        )
     except openai.BadRequestError as exc:
         body = exc.body if isinstance(exc.body, dict) else {}
         run.say(f"routing   -> 400 {body.get('message', exc)}")
 
 
-STEPS: list[Callable[[DemoRun], None]] = [step_chat, step_stream, step_unknown_provider]
+def step_metering(run: DemoRun) -> None:
+    """What metering recorded: the usage events in the event store (flushed within ~0.1 s), summed."""
+    store = run.proxy.event_store
+    deadline = time.monotonic() + 2.0
+    while store.count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    cur = store.cursor()
+    try:
+        row = cur.execute(
+            "SELECT count(*), sum(total_tokens), sum(total_cost_nanos), count(*) FILTER (usage_source = 'exact')"
+            " FROM usage_events"
+        ).fetchone()
+    finally:
+        cur.close()
+    n, tokens, nanos, exact = row if row else (0, 0, 0, 0)
+    run.say(
+        f"metering  -> {n} usage events ({exact} exact), {tokens or 0} tokens, "
+        f"${(nanos or 0) / 1e9:.8f} (genai-prices); /metrics has the counters"
+    )
+
+
+STEPS: list[Callable[[DemoRun], None]] = [step_chat, step_stream, step_unknown_provider, step_metering]
 
 
 def run_demo(out: Callable[[str], None] = print) -> int:
