@@ -19,11 +19,14 @@ logger = logging.getLogger(__name__)
 PriceSource = Literal["genai-prices", "override", "unknown"]
 _NANOS = Decimal(1_000_000_000)
 _PER_MTOK = Decimal(1_000_000)
+_ATTO = Decimal(10) ** 18
+_ATTO_PER_NANO = 1_000_000_000
 
 
 def usd_to_nanos(usd: Decimal | float | int) -> int:
     """USD -> integer nano-USD, rounded half-even."""
-    return int((Decimal(str(usd)) * _NANOS).to_integral_value(ROUND_HALF_EVEN))
+    value = usd if isinstance(usd, Decimal) else Decimal(str(usd))
+    return int((value * _NANOS).to_integral_value(ROUND_HALF_EVEN))
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,12 +64,27 @@ class Cost:
 
 @dataclass(slots=True, frozen=True)
 class _Rates:
-    """USD per token."""
+    """USD per token, and the same in integer atto-USD (1e-18) when that is exact (it is for any price
+    quoted to at most 12 decimals per million tokens), which prices a call with integer arithmetic."""
 
     input: Decimal
     output: Decimal
     cached_input: Decimal
     source: PriceSource
+    atto: tuple[int, int, int] | None = None  # (input, output, cached_input)
+
+    def __post_init__(self) -> None:
+        scaled = [r * _ATTO for r in (self.input, self.output, self.cached_input)]
+        if all(v == v.to_integral_value() for v in scaled):
+            object.__setattr__(self, "atto", (int(scaled[0]), int(scaled[1]), int(scaled[2])))
+
+
+def _atto_to_nanos(atto: int) -> int:
+    """atto-USD -> nano-USD, rounded half-even (as `usd_to_nanos`)."""
+    q, r = divmod(atto, _ATTO_PER_NANO)
+    if 2 * r > _ATTO_PER_NANO or (2 * r == _ATTO_PER_NANO and q & 1):
+        q += 1
+    return q
 
 
 class Pricer:
@@ -110,6 +128,16 @@ class Pricer:
             return Cost()
         cached = min(usage.cached_input_tokens, usage.input_tokens)
         reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+        if rates.atto is not None:  # exact integer path, ~10x faster than Decimal
+            rate_in, rate_out, rate_cached = rates.atto
+            cached_atto = rate_cached * cached
+            return Cost(
+                input_nanos=_atto_to_nanos(rate_in * (usage.input_tokens - cached) + cached_atto),
+                output_nanos=_atto_to_nanos(rate_out * usage.output_tokens),
+                cached_nanos=_atto_to_nanos(cached_atto),
+                reasoning_nanos=_atto_to_nanos(rate_out * reasoning),
+                source=rates.source,
+            )
         cached_usd = rates.cached_input * cached
         input_usd = rates.input * (usage.input_tokens - cached) + cached_usd
         reasoning_usd = rates.output * reasoning

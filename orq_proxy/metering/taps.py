@@ -47,6 +47,8 @@ _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplet
 _USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _USAGE_NULL_FIRST = re.compile(rb'(?<=\{)\s*"usage"\s*:\s*null\s*(,\s*)?')
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
+_DECODER = json.JSONDecoder()
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 # Generated text in a chunk: chat `content`/`refusal`/`reasoning_content`, tool `arguments`, legacy
 # `text`, Responses `delta`. Escapes count as their escaped length (close enough for an estimate).
@@ -400,20 +402,24 @@ def _strip_usage_null(raw: bytes, obj: dict[str, Any] | None = None) -> bytes:
 
 
 class JSONTap:
-    """Reads usage from a non-stream JSON body: a capped copy, parsed once by `close()`.
+    """Reads usage from a non-stream JSON body, in bounded memory and without parsing the whole body.
 
-    When the body is larger than `cap`, the copy is dropped and only a rolling window of the last
-    `JSON_TAIL_BYTES` is kept; `usage` (which OpenAI puts after the payload) is then searched there.
+    It keeps the body's chunks up to `cap` bytes (past that, only a rolling window of the last
+    `JSON_TAIL_BYTES`). At `close()` it decodes just the last `"usage": {...}` object (OpenAI puts it after
+    the payload) and reads `model` from the head, so a multi-megabyte embeddings answer costs the same as
+    a short chat one. Only when there is no usage (an estimate is coming) is a body within the cap parsed
+    whole, to count its generated text.
 
     Attributes (after `close()`): usage, model, output_bytes (generated text; counted only when there
-    is no usage), error (`{"error": ...}` body), overflowed, size (bytes seen).
+    is no usage), error (`{"error": ...}` body without usage), overflowed, size (bytes seen).
     """
 
-    __slots__ = ("_buf", "cap", "error", "model", "output_bytes", "overflowed", "size", "usage")
+    __slots__ = ("_chunks", "_tail", "cap", "error", "model", "output_bytes", "overflowed", "size", "usage")
 
     def __init__(self, *, cap: int = DEFAULT_JSON_CAP) -> None:
         self.cap = cap
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._tail = bytearray()
         self.size = 0
         self.overflowed = False
         self.usage: ReportedUsage | None = None
@@ -423,43 +429,48 @@ class JSONTap:
 
     def feed(self, chunk: bytes) -> None:
         """Observe `chunk` (forwarded unchanged by the caller)."""
+        if not chunk:
+            return
         self.size += len(chunk)
-        self._buf += chunk
-        if len(self._buf) > self.cap:
+        if not self.overflowed:
+            self._chunks.append(chunk)
+            if self.size <= self.cap:
+                return
             self.overflowed = True
-        if self.overflowed and len(self._buf) > JSON_TAIL_BYTES:
-            del self._buf[: len(self._buf) - JSON_TAIL_BYTES]
+            self._tail = bytearray(b"".join(self._chunks)[-JSON_TAIL_BYTES:])
+            self._chunks = []
+            return
+        self._tail += chunk
+        if len(self._tail) > JSON_TAIL_BYTES:
+            del self._tail[: len(self._tail) - JSON_TAIL_BYTES]
 
     def close(self) -> None:
-        """Parse what was kept."""
-        buf = bytes(self._buf)
-        self._buf = bytearray()
-        if self.overflowed:
-            self.usage = _usage_in_tail(buf)
+        """Find usage (and model) in what was kept."""
+        buf = bytes(self._tail) if self.overflowed else b"".join(self._chunks)
+        self._chunks = []
+        self._tail = bytearray()
+        model = _MODEL.search(buf, 0, 4096)
+        if model is not None:
+            self.model = model.group(1).decode("utf-8", "replace")
+        self.usage = _last_usage(buf, max(0, len(buf) - JSON_TAIL_BYTES))
+        if self.usage is not None or self.overflowed:
             return
-        try:
+        try:  # no usage: the whole (capped) body, for the text an estimate needs
             obj = json.loads(buf)
         except ValueError:
             return
-        if not isinstance(obj, dict):
-            return
-        model = obj.get("model")
-        if isinstance(model, str):
-            self.model = model
-        self.usage = parse_usage(obj.get("usage"))
-        if self.usage is None:  # only an estimate needs the generated text
+        if isinstance(obj, dict):
             self.output_bytes = output_text_bytes(obj)
-        self.error = obj.get("error") is not None
+            self.error = obj.get("error") is not None
 
 
-def _usage_in_tail(buf: bytes) -> ReportedUsage | None:
-    """The last parseable `"usage": {...}` object in the tail of a large JSON body."""
-    decoder = json.JSONDecoder()
-    text = buf.decode("utf-8", "replace")
-    for match in reversed(list(_USAGE_KEY.finditer(buf))):
-        brace = len(buf[: match.end() - 1].decode("utf-8", "replace"))
+def _last_usage(buf: bytes, start: int) -> ReportedUsage | None:
+    """The last `"usage": {...}` object at or after `start` that parses as usage."""
+    matches = list(_USAGE_KEY.finditer(buf, start))
+    for match in reversed(matches):
+        brace = match.end() - 1
         try:
-            value, _ = decoder.raw_decode(text, brace)
+            value, _ = _DECODER.raw_decode(buf[brace:].decode("utf-8", "replace"))
         except ValueError:
             continue
         parsed = parse_usage(value)

@@ -322,7 +322,7 @@ def test_json_tap_over_cap_finds_usage_in_tail() -> None:
     tap = JSONTap(cap=10_000)
     for i in range(0, len(data), 4096):
         tap.feed(data[i : i + 4096])
-        assert len(tap._buf) <= max(10_000 + 4096, 64 * 1024 + 4096)
+        assert sum(map(len, tap._chunks)) + len(tap._tail) <= max(10_000 + 4096, 64 * 1024)
     tap.close()
     assert tap.overflowed and tap.usage == ReportedUsage(TokenUsage(9), 9)
 
@@ -393,3 +393,20 @@ def test_sse_error_after_first_lines_flagged() -> None:
     tap = SSETap()
     tap.feed(sse(*long_stream(5, usage_null=False), {"error": {"message": "overloaded"}}, done=False))
     assert tap.error and not tap.done
+
+
+def test_json_tap_last_usage_wins_and_model_from_head() -> None:
+    """A nested `usage` object earlier in the body does not shadow the top-level one at the end."""
+    body = {"model": "gpt-4o", "output": [{"usage": {"input_tokens": 99}}], "usage": RESPONSES_USAGE}
+    tap = JSONTap()
+    tap.feed(json.dumps(body).encode())
+    tap.close()
+    assert tap.usage == RESPONSES_EXPECTED and tap.model == "gpt-4o"
+
+
+def test_json_tap_empty_chunks_ignored() -> None:
+    """Empty chunks (the final empty body message) change nothing."""
+    tap = JSONTap(cap=5)
+    tap.feed(b"")
+    tap.close()
+    assert (tap.size, tap.overflowed, tap.usage) == (0, False, None)
