@@ -167,6 +167,11 @@ class InMemoryCounters:
     def __len__(self) -> int:
         return len(self._states)
 
+    def reserved(self, budget_id: str) -> tuple[int, int]:
+        """`(nano-USD, tokens)` reserved against a budget by requests in flight (0, 0 when idle)."""
+        state = self._states.get(budget_id)
+        return (0, 0) if state is None else (state.reserved_nanos, state.reserved_tokens)
+
     # -- internals ---------------------------------------------------------------------------------------
 
     def _state(self, budget: Budget, now: datetime) -> _State:

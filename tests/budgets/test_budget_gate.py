@@ -1,0 +1,310 @@
+"""The budget gate in the real stack: the `openai` SDK -> proxy (build_app) -> fake upstream, on sockets.
+
+Prices are overridden so costs are exact: `openai/test-model` costs 1,000,000 nano-USD per input token
+and 2,000,000 per output token. The request below is estimated at 7 input + 10 output tokens
+(27,000,000 nano-USD) and the fake upstream reports 6 + 8 (22,000,000 nano-USD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from orq_proxy.app import OrqProxy
+from orq_proxy.budgets.counters import InMemoryCounters
+from orq_proxy.metering.estimate import estimate_input_tokens
+from orq_proxy.sinks.memory import MemorySink
+from orq_proxy.testing.clock import FakeClock
+from orq_proxy.testing.fake_upstream import FakeUpstream
+from orq_proxy.testing.servers import ServerThread
+
+START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+ADMIN = "sk-admin"
+USER = "sk-user"
+KEYS = [
+    {"key": ADMIN, "workspace": "ws", "admin": True, "id": "admin"},
+    {"key": USER, "workspace": "ws", "id": "user_key", "project": "proj"},
+]
+PRICES = {"openai/test-model": {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}}
+IN_NANOS, OUT_NANOS = 1_000_000, 2_000_000
+MESSAGES = [{"role": "user", "content": "hello there"}]
+EST_NANOS = 7 * IN_NANOS + 10 * OUT_NANOS  # 27,000,000
+ACTUAL_NANOS = 6 * IN_NANOS + 8 * OUT_NANOS  # 22,000,000
+
+
+class Gate:
+    """A proxy with budgets, its memory sink, and helpers."""
+
+    def __init__(self, app: OrqProxy, server: ServerThread, sink: MemorySink) -> None:
+        self.app, self.server, self.sink = app, server, sink
+        self.counters: InMemoryCounters = app.components["budget_counters"]
+        self.client = openai.OpenAI(base_url=server.url + "/v1", api_key=USER, max_retries=0, timeout=10)
+
+    def budget(self, body: dict[str, Any]) -> str:
+        response = httpx.post(
+            self.server.url + "/v2/budgets",
+            json=body,
+            headers={"authorization": f"Bearer {ADMIN}"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        budget_id: str = response.json()["budget"]["budgetId"]
+        return budget_id
+
+    def usage(self, budget_id: str) -> dict[str, Any]:
+        response = httpx.get(
+            f"{self.server.url}/v2/budgets/{budget_id}",
+            headers={"authorization": f"Bearer {ADMIN}"},
+            timeout=10,
+        )
+        usage: dict[str, Any] = response.json()["budget"]["usage"]
+        return usage
+
+    def chat(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("messages", MESSAGES)
+        kwargs.setdefault("max_tokens", 10)
+        return self.client.chat.completions.create(model="test-model", **kwargs)
+
+    def settled(self, budget_id: str, events: int, timeout: float = 5.0) -> None:
+        """Wait until no reservation is in flight and the sink holds `events` events."""
+        wait_for(
+            lambda: self.counters.reserved(budget_id) == (0, 0) and len(self.sink.events) >= events, timeout
+        )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def gate(proxy_factory: Any, fake: FakeUpstream) -> Gate:
+    sink = MemorySink()
+    app, server = proxy_factory({"api_keys": KEYS, "prices": PRICES}, clock=FakeClock(START), sinks=[sink])
+    return Gate(app, server, sink)
+
+
+def test_budget_exceeded_is_429_through_openai_sdk(gate: Gate) -> None:
+    """Requests pass while their estimate fits, then get 429 `budget_exceeded` with the rejection detail."""
+    budget_id = gate.budget(
+        {
+            "scope": {"project": {"project_id": "proj"}},
+            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": 0.05},
+        }
+    )
+    gate.chat()
+    gate.chat()  # 22 spent + 27 estimated = 49 <= 50 million nano-USD
+    gate.settled(budget_id, 2)
+    with pytest.raises(openai.RateLimitError) as info:
+        gate.chat()
+    error = info.value
+    assert error.status_code == 429
+    body = error.body
+    assert isinstance(body, dict) and body["code"] == "budget_exceeded" and body["type"] == "rate_limit_error"
+    assert body["param"] is None
+    rejection = body["rejection"]
+    assert rejection["scope_kind"] == "BUDGET_SCOPE_KIND_PROJECT" and rejection["scope_target_id"] == "proj"
+    assert rejection["budget_id"] == budget_id and rejection["dimension"] == "cost"
+    assert (rejection["limit"], rejection["used"], rejection["requested"]) == (0.05, 0.044, 0.027)
+    assert rejection["resets_at"] == "2026-04-01T00:00:00Z" and rejection["code"] == "budget_exceeded"
+    assert "Budget exceeded for project proj" in body["message"]
+    headers = error.response.headers
+    reset = datetime(2026, 4, 1, tzinfo=UTC)
+    assert headers["retry-after"] == str(math.ceil((reset - START).total_seconds()))
+    assert headers["x-ratelimit-limit"] == "0.05" and headers["x-ratelimit-remaining"] == "0.006"
+    assert headers["x-ratelimit-reset"] == str(int(reset.timestamp()))
+    usage = gate.usage(budget_id)
+    assert usage == {"amount": 0.044, "tokens": 28, "requests": 2}  # the refused request is not counted
+    gate.budget({"scope": {"api_key": {"api_key_id": "user_key"}}, "limits": {"amount": 1.0}})
+    with pytest.raises(openai.RateLimitError):  # every applicable budget must pass, not just one
+        gate.chat()
+
+
+def test_rate_limit_is_429_rate_limited(gate: Gate) -> None:
+    """Past requests_per_minute, 429 `rate_limited` with Retry-After until the window frees a slot."""
+    budget_id = gate.budget(
+        {"scope": {"api_key": {"api_key_id": "user_key"}}, "rate_limit": {"requests_per_minute": 2}}
+    )
+    gate.chat()
+    gate.chat()
+    with pytest.raises(openai.RateLimitError) as info:
+        gate.chat()
+    body = info.value.body
+    assert isinstance(body, dict) and body["code"] == "rate_limited"
+    assert body["rejection"]["dimension"] == "requests" and body["rejection"]["limit"] == 2
+    assert info.value.response.headers["retry-after"] == "60"  # the fake clock does not move
+    assert info.value.response.headers["x-ratelimit-remaining"] == "0"
+    assert gate.usage(budget_id)["requests"] == 2
+
+
+def test_identity_budget_only_applies_to_that_identity(gate: Gate) -> None:
+    """An identity-scoped budget blocks that identity (header or body) and nobody else."""
+    gate.budget({"scope": {"identity": {"identity_external_id": "u1"}}, "limits": {"amount": 0}})
+    with pytest.raises(openai.RateLimitError):
+        gate.chat(extra_headers={"X-ORQ-IDENTITY-ID": "u1"})
+    with pytest.raises(openai.RateLimitError):
+        gate.chat(extra_body={"orq": {"identity": {"id": "u1"}}})
+    gate.chat(extra_headers={"X-ORQ-IDENTITY-ID": "u2"})
+    gate.chat()
+
+
+def test_cel_budget_on_metadata(gate: Gate) -> None:
+    """A CEL budget matches on request metadata; requests without the key are not affected."""
+    gate.budget(
+        {"match": {"cel": 'metadata.team == "ml" && model == "test-model"'}, "limits": {"token_limit": 0}}
+    )
+    with pytest.raises(openai.RateLimitError) as info:
+        gate.chat(metadata={"team": "ml"})
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["rejection"]["scope_kind"] == "BUDGET_SCOPE_KIND_CUSTOM"
+    assert info.value.body["rejection"]["dimension"] == "tokens"
+    gate.chat(metadata={"team": "ops"})
+    gate.chat()
+
+
+def test_usage_equals_what_metering_charged(gate: Gate) -> None:
+    """After mixed requests (JSON, stream, errors), usage on get and list equals the events' totals."""
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 100.0, "token_limit": 10**6}})
+    gate.chat()
+    gate.chat(extra_headers={"x-fake-words": "3"})
+    list(gate.chat(stream=True))
+    list(gate.chat(stream=True, stream_options={"include_usage": True}))
+    with pytest.raises(openai.InternalServerError):
+        gate.chat(extra_headers={"x-fake-status": "500"})
+    gate.client.embeddings.create(model="test-model", input="one two three")
+    gate.settled(budget_id, 6)
+    events = gate.sink.events
+    cost = sum(e.total_cost_nanos for e in events)
+    tokens = sum(e.total_tokens for e in events)
+    assert cost > 0 and tokens > 0
+    usage = gate.usage(budget_id)
+    assert usage == {"amount": cost / 1e9, "tokens": tokens, "requests": 6}
+    listed = httpx.get(gate.server.url + "/v2/budgets", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert listed["data"][0]["usage"] == usage
+
+
+def test_stream_settles_with_actual_usage(gate: Gate) -> None:
+    """A stream whose client did not ask for usage is still charged its exact usage."""
+    budget_id = gate.budget(
+        {"scope": {"workspace": {}}, "limits": {"period": "BUDGET_PERIOD_DAILY", "token_limit": 1000}}
+    )
+    chunks = list(gate.chat(stream=True))
+    assert all(c.usage is None for c in chunks)  # hidden from this client
+    gate.settled(budget_id, 1)
+    assert gate.usage(budget_id)["tokens"] == 14
+    assert gate.sink.events[0].usage_source == "exact"
+
+
+def test_no_reservation_leak_on_upstream_timeout(
+    proxy_factory: Any, fake: FakeUpstream, upstream_url: str
+) -> None:
+    """An upstream timeout (504) settles the reservation with what metering charged; nothing stays reserved."""
+    sink = MemorySink()
+    config = {
+        "api_keys": KEYS,
+        "prices": PRICES,
+        "upstreams": {
+            "openai": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "headers_timeout": 0.2}
+        },
+    }
+    app, server = proxy_factory(config, clock=FakeClock(START), sinks=[sink])
+    gate = Gate(app, server, sink)
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
+    with pytest.raises(openai.APIStatusError) as info:
+        gate.chat(extra_headers={"x-fake-latency-ms": "2000"})
+    assert info.value.status_code == 504
+    gate.settled(budget_id, 1)
+    event = gate.sink.events[0]
+    assert event.http_status == 504
+    assert gate.usage(budget_id)["amount"] == event.total_cost_nanos / 1e9
+
+
+def test_no_reservation_leak_on_client_disconnect(gate: Gate) -> None:
+    """A client that goes away mid-stream leaves no reservation; what it used is charged once."""
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
+
+    async def read_one_chunk_and_leave() -> None:
+        async with httpx.AsyncClient(base_url=gate.server.url, timeout=10) as client:
+            request = {"model": "test-model", "messages": MESSAGES, "max_tokens": 10, "stream": True}
+            headers = {"authorization": f"Bearer {USER}", "x-fake-chunk-delay-ms": "200"}
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=request, headers=headers
+            ) as response:
+                assert response.status_code == 200
+                async for _chunk in response.aiter_raw():
+                    break
+
+    asyncio.run(read_one_chunk_and_leave())
+    gate.settled(budget_id, 1)
+    event = gate.sink.events[0]
+    assert event.http_status == 499
+    assert gate.usage(budget_id) == {
+        "amount": event.total_cost_nanos / 1e9,
+        "tokens": event.total_tokens,
+        "requests": 1,
+    }
+
+
+def test_no_reservation_leak_on_upstream_error(gate: Gate) -> None:
+    """An upstream error answer is charged nothing and releases everything."""
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
+    with pytest.raises(openai.InternalServerError):
+        gate.chat(extra_headers={"x-fake-status": "503"})
+    gate.settled(budget_id, 1)
+    assert gate.usage(budget_id) == {"amount": 0, "tokens": 0, "requests": 1}
+
+
+def test_concurrent_requests_cannot_overshoot(gate: Gate) -> None:
+    """200 concurrent requests against a budget that fits ~10 estimates: never charged past the limit."""
+    limit = 10 * EST_NANOS
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
+    statuses = asyncio.run(burst(gate, 200, MESSAGES, 10, latency_ms=50))
+    gate.settled(budget_id, statuses.count(200))
+    charged = sum(e.total_cost_nanos for e in gate.sink.events)
+    assert statuses.count(200) >= 10 and statuses.count(429) > 100
+    assert set(statuses) == {200, 429}
+    assert charged <= limit
+    assert gate.usage(budget_id)["amount"] == charged / 1e9
+
+
+def test_overshoot_bound_when_actual_exceeds_estimate(gate: Gate) -> None:
+    """When usage beats its estimate, the charge stays within limit + the sum of the excesses."""
+    # One-letter words: ~2 bytes per word, so the 4-bytes-per-token estimate is about half the truth.
+    messages = [{"role": "user", "content": " ".join("a" * 1 for _ in range(40))}]
+    body = {"messages": messages, "max_tokens": 8}
+    est = estimate_input_tokens(body) * IN_NANOS + 8 * OUT_NANOS
+    actual = (40 + 4) * IN_NANOS + 8 * OUT_NANOS
+    assert actual > est
+    limit = 10 * est
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
+    statuses = asyncio.run(burst(gate, 200, messages, 8, latency_ms=50))
+    admitted = statuses.count(200)
+    gate.settled(budget_id, admitted)
+    charged = sum(e.total_cost_nanos for e in gate.sink.events)
+    assert all(e.total_cost_nanos == actual for e in gate.sink.events)
+    assert charged > limit  # the estimate was wrong, so some overshoot happens...
+    assert charged <= limit + admitted * (actual - est)  # ...but never more than the documented bound
+
+
+async def burst(
+    gate: Gate, n: int, messages: list[dict[str, str]], max_tokens: int, latency_ms: int
+) -> list[int]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=gate.server.url, timeout=30, limits=limits) as client:
+        body = {"model": "test-model", "messages": messages, "max_tokens": max_tokens}
+        headers = {"authorization": f"Bearer {USER}", "x-fake-latency-ms": str(latency_ms)}
+        responses = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(n))
+        )
+    return [r.status_code for r in responses]
