@@ -49,7 +49,10 @@ _USAGE_NULL_FIRST = re.compile(rb'(?<=\{)\s*"usage"\s*:\s*null\s*(,\s*)?')
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 _DECODER = json.JSONDecoder()
-_TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
+# One scan for what makes a line worth parsing: a `usage` object, an `error` key, or a Responses event
+# type (group 1; `*.delta` events are not worth it).
+_INTEREST = re.compile(rb'"(?:usage"\s*:\s*\{|error"|type"\s*:\s*"([^"\\]*)")')
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # Generated text in a chunk: chat `content`/`refusal`/`reasoning_content`, tool `arguments`, legacy
 # `text`, Responses `delta`. Escapes count as their escaped length (close enough for an estimate).
 _TEXT = re.compile(rb'"(?:content|text|delta|arguments|refusal|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -314,20 +317,15 @@ class SSETap:
         non-delta Responses event, `[DONE]`) is parsed as JSON and returned (None otherwise)."""
         if not raw.startswith(_DATA):
             return None
-        if (
-            self._parsed < _PARSE_FIRST
-            or len(raw) < 16
-            or (b'"usage"' in raw and _USAGE_KEY.search(raw) is not None)
-            or b'"error"' in raw
-        ):
+        if self._parsed < _PARSE_FIRST or len(raw) < 16:
             return self._parse(raw)
-        if b'"type"' in raw:
-            kind = _TYPE.search(raw)
-            if kind is not None and not kind.group(1).endswith(b".delta"):
+        interest = _INTEREST.search(raw)
+        if interest is not None:
+            kind = interest.group(1)
+            if kind is None or not kind.endswith(b".delta"):  # usage object, error, non-delta event
                 return self._parse(raw)
         self.events += 1
-        for text in _TEXT.findall(raw):
-            self.output_bytes += len(text)
+        self.output_bytes += _fast_text_bytes(raw)
         return None
 
     def _parse(self, raw: bytes) -> Any:
@@ -378,6 +376,23 @@ class SSETap:
             self.done = True
         if kind in ("response.failed", "error"):
             self.error = True
+
+
+def _fast_text_bytes(raw: bytes) -> int:
+    """Generated text in a content line: the common compact keys by substring search, else the regex."""
+    for key in (b'"content":"', b'"delta":"', b'"text":"'):
+        pos = raw.find(key)
+        if pos < 0:
+            continue
+        n = 0
+        while pos >= 0:
+            match = _JSON_STRING.match(raw, pos + len(key) - 1)
+            if match is None:
+                break
+            n += match.end() - match.start() - 2
+            pos = raw.find(key, match.end())
+        return n
+    return sum(len(text) for text in _TEXT.findall(raw))
 
 
 def _strip_usage_null(raw: bytes, obj: dict[str, Any] | None = None) -> bytes:
