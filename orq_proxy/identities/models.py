@@ -154,8 +154,9 @@ class IdentityPage:
 
 def format_timestamp(when: datetime) -> str:
     """`2026-01-01T00:00:00.000Z`: UTC, millisecond precision, fixed width."""
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC).replace(tzinfo=None)
+    return when.isoformat(timespec="milliseconds") + "Z"
 
 
 def make_search_text(external_id: str, display_name: str | None, email: str | None) -> str:

@@ -1,10 +1,17 @@
 """`SqliteIdentityStore`: the durable `IdentityStore` (`[storage] state = "sqlite:///path/state.db"`).
 
-Every call runs on one dedicated worker thread that owns the only connection, so the event loop never
-waits on disk (a commit's fsync can take milliseconds) and SQLite sees one writer from this process.
-Running everything on that single thread also serializes this process's calls, so a read followed by a
-write inside one call cannot interleave with another call; a write additionally runs in `BEGIN
-IMMEDIATE`, which keeps it atomic against other processes sharing the file (WAL mode, busy timeout).
+Where the blocking calls run, and why:
+- Writes and list pages run on one dedicated worker thread that owns the writing connection, so the
+  event loop never waits on a commit's fsync or on a page that has to scan. One thread also serializes
+  this process's writes (SQLite allows one writer anyway), and every write runs in `BEGIN IMMEDIATE`,
+  which keeps its read-then-write atomic against other processes sharing the file (WAL, busy timeout).
+- Point reads (one row by a unique index: `get`, `get_by_external_id`, `resolve`, and the first read of
+  an `upsert`) run inline on the event loop on a second, read-only connection. They take tens of
+  microseconds and never wait for a writer (WAL readers see the last commit), while a hop to the
+  worker thread costs about 100 µs; the proxy's hot path does one of these per request. An upsert whose
+  payload matches the record therefore never leaves the event loop and writes nothing.
+A `:memory:` database has a single connection, so there every call goes to the worker thread.
+
 Failure policy: identity fails closed, so SQLite errors propagate.
 """
 
@@ -66,10 +73,22 @@ CREATE TABLE IF NOT EXISTS identity_tags (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS: Final = (
-    "id, workspace_id, external_id, created, updated, display_name, email, avatar_url, tags, metadata, "
-    "search_text"
+_COLUMN_NAMES: Final = (
+    "id",
+    "workspace_id",
+    "external_id",
+    "created",
+    "updated",
+    "display_name",
+    "email",
+    "avatar_url",
+    "tags",
+    "metadata",
+    "search_text",
 )
+_COLUMNS: Final = ", ".join(_COLUMN_NAMES)
+_QUALIFIED: Final = ", ".join(f"identities.{name}" for name in _COLUMN_NAMES)
+_TAG_COUNT_CAP: Final = 10_000
 
 
 def _row_to_identity(row: tuple[Any, ...]) -> Identity:
@@ -120,6 +139,7 @@ class SqliteIdentityStore:
         # Opened here, on the caller's thread, so a bad path fails at startup; used afterwards only on the
         # worker thread (hence check_same_thread=False).
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._reader: sqlite3.Connection | None = None
         try:
             if path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
@@ -127,8 +147,15 @@ class SqliteIdentityStore:
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(_SCHEMA)
             (last,) = self._conn.execute("SELECT max(id) FROM identities").fetchone()
+            if path != ":memory:":
+                # Used only on the event loop's thread, which need not be this one.
+                self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._reader.execute("PRAGMA query_only=ON")
+                self._reader.execute("PRAGMA busy_timeout=5000")
         except BaseException:
             self._conn.close()
+            if self._reader is not None:
+                self._reader.close()
             raise
         self._ids = MonotonicIds(self._clock, last)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orq-identities-sqlite")
@@ -138,6 +165,15 @@ class SqliteIdentityStore:
         if self._closed:
             raise RuntimeError("the identity store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _point_read(self, where: str, *args: Any) -> Identity | None:
+        """One row by a unique index: inline on the read connection (see the module docstring)."""
+        if self._closed:
+            raise RuntimeError("the identity store is closed")
+        if self._reader is None:
+            return await self._run(self._select_one, where, *args)
+        row = self._reader.execute(f"SELECT {_COLUMNS} FROM identities WHERE {where}", args).fetchone()
+        return None if row is None else _row_to_identity(row)
 
     # ---- worker-thread functions ------------------------------------------------------------------
 
@@ -245,29 +281,59 @@ class SqliteIdentityStore:
 
         return self._transaction(delete)
 
+    def _rarest(self, workspace: str, tags: tuple[str, ...]) -> str:
+        """The tag with the fewest identities (counted up to a cap, so a common tag costs little)."""
+        counts = [
+            (
+                self._conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM identity_tags WHERE workspace_id=? AND tag=? LIMIT ?)",
+                    (workspace, tag, _TAG_COUNT_CAP),
+                ).fetchone()[0],
+                tag,
+            )
+            for tag in tags
+        ]
+        return min(counts)[1]
+
     def _list_sync(self, workspace: str, query: IdentityQuery) -> IdentityPage:
         backward = query.ending_before is not None
         cursor_id = query.ending_before if backward else query.starting_after
-        where = ["workspace_id = ?"]
-        args: list[Any] = [workspace]
+        where: list[str] = []
+        args: list[Any] = []
+        other_tags = query.tags
+        source = "identities"
+        if query.sort_by is None and query.tags:
+            # `_id` order with tags: walk one tag's rows of the (workspace_id, tag, identity_id) key,
+            # which are already in `_id` order, like the in-memory store's posting lists.
+            drive = self._rarest(workspace, query.tags) if len(query.tags) > 1 else query.tags[0]
+            other_tags = tuple(t for t in query.tags if t != drive)
+            source = "identity_tags d JOIN identities ON identities.id = d.identity_id"
+            where += ["d.workspace_id = ?", "d.tag = ?"]
+            args += [workspace, drive]
+            key_columns, descending = ["d.identity_id"], True
+        else:
+            where.append("identities.workspace_id = ?")
+            args.append(workspace)
+            if query.sort_by is None:
+                key_columns, descending = ["identities.id"], True
+            elif query.sort_by == SORT_UPDATED:
+                key_columns, descending = ["identities.updated", "identities.id"], True
+            else:
+                key_columns, descending = ["identities.name_key", "identities.id"], False
         if query.search:
             needle = search_needle(query.search)
             if needle is None:
                 return IdentityPage(data=[], has_more=False)
-            where.append("instr(search_text, ?) > 0")
+            where.append("instr(identities.search_text, ?) > 0")
             args.append(needle)
-        for tag in query.tags:
+        for tag in other_tags:
             where.append(
                 "EXISTS (SELECT 1 FROM identity_tags t WHERE t.workspace_id = identities.workspace_id "
                 "AND t.tag = ? AND t.identity_id = identities.id)"
             )
             args.append(tag)
-        if query.sort_by is None:
-            key_columns, descending = ["id"], True
-        elif query.sort_by == SORT_UPDATED:
-            key_columns, descending = ["updated", "id"], True
-        else:
-            key_columns, descending = ["name_key", "id"], False
+        # Walking direction: page order, or reversed when paging backwards.
+        walk_descending = descending != backward
         if cursor_id is not None:
             if query.sort_by is None:
                 cursor: tuple[Any, ...] = (cursor_id,)
@@ -279,17 +345,13 @@ class SqliteIdentityStore:
                 if row is None:
                     raise InvalidCursorError("ending_before" if backward else "starting_after", cursor_id)
                 cursor = tuple(row)
-            # Walking direction: page order, or reversed when paging backwards.
-            walk_descending = descending != backward
             columns = f"({', '.join(key_columns)})"
             marks = f"({', '.join('?' for _ in key_columns)})"
             where.append(f"{columns} {'<' if walk_descending else '>'} {marks}")
             args.extend(cursor)
-        else:
-            walk_descending = descending != backward
         direction = "DESC" if walk_descending else "ASC"
         order = ", ".join(f"{column} {direction}" for column in key_columns)
-        sql = f"SELECT {_COLUMNS} FROM identities WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+        sql = f"SELECT {_QUALIFIED} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         rows = self._conn.execute(sql, (*args, query.limit + 1)).fetchall()
         data = [_row_to_identity(row) for row in rows[: query.limit]]
         if backward:
@@ -305,26 +367,26 @@ class SqliteIdentityStore:
         return await self._run(self._create_sync, workspace, external_id, fields)
 
     async def get(self, workspace: str, identity_id: str) -> Identity | None:
-        return await self._run(self._select_one, "workspace_id=? AND id=?", workspace, identity_id)
+        return await self._point_read("workspace_id=? AND id=?", workspace, identity_id)
 
     async def get_by_external_id(self, workspace: str, external_id: str) -> Identity | None:
-        return await self._run(self._select_one, "workspace_id=? AND external_id=?", workspace, external_id)
+        return await self._point_read("workspace_id=? AND external_id=?", workspace, external_id)
 
     async def resolve(self, workspace: str, ref: str) -> Identity | None:
-        # `_id` first, then `external_id`, in one statement.
-        return await self._run(
-            self._select_one,
-            "workspace_id=? AND (id=? OR external_id=?) ORDER BY id = ? DESC LIMIT 1",
-            workspace,
-            ref,
-            ref,
-            ref,
-        )
+        # `_id` first, then `external_id`.
+        record = await self._point_read("workspace_id=? AND id=?", workspace, ref)
+        if record is None:
+            record = await self._point_read("workspace_id=? AND external_id=?", workspace, ref)
+        return record
 
     async def update(self, workspace: str, identity_id: str, fields: IdentityFields) -> Identity | None:
         return await self._run(self._apply_sync, "workspace_id=? AND id=?", (workspace, identity_id), fields)
 
     async def upsert(self, workspace: str, external_id: str, fields: IdentityFields) -> Identity:
+        if self._reader is not None:
+            record = await self._point_read("workspace_id=? AND external_id=?", workspace, external_id)
+            if record is not None and (not fields or apply_fields(record, fields, record.updated) is None):
+                return record  # the hot path: nothing changed, nothing written, no thread hop
         return await self._run(self._upsert_sync, workspace, external_id, fields)
 
     async def delete(self, workspace: str, identity_id: str) -> Identity | None:
@@ -350,3 +412,5 @@ class SqliteIdentityStore:
         await self._run(self._close_sync)
         self._closed = True
         self._executor.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()

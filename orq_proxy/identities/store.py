@@ -16,9 +16,11 @@ and kept up to date afterwards, so they cost nothing for a deployment that never
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from itertools import islice
 from typing import Any, Generic, Protocol, TypeVar
 
 from ulid import ULID
@@ -42,6 +44,7 @@ from orq_proxy.identities.models import (
 __all__ = ["IdentityStore", "InMemoryIdentityStore", "MonotonicIds", "identity_store_from_url"]
 
 _BLOCK = 1000  # keys per block of a sorted index; blocks split at twice this
+_BLOCK_TEXT_SEPARATOR = "\x01"
 
 K = TypeVar("K", str, tuple[str, str])
 
@@ -103,7 +106,8 @@ class MonotonicIds:
 
     The timestamp part comes from the injected clock (so `_id` order agrees with `created`); when two ids
     fall in the same millisecond, or the clock stands still (a FakeClock), the next id is the previous one
-    plus one, so `_id` order is exactly creation order.
+    plus one, so `_id` order is exactly creation order. Encoded here rather than through `ulid.ULID`
+    because creating identities in bulk spent most of its time there.
     """
 
     __slots__ = ("_clock", "_last")
@@ -113,26 +117,48 @@ class MonotonicIds:
         self._last = int(ULID.from_str(last)) if last else 0
 
     def next(self, now: datetime | None = None) -> str:
-        value = int(ULID.from_datetime(now or self._clock.now()))
-        if value <= self._last:
-            value = self._last + 1
-        self._last = value
-        return str(ULID.from_int(value))
+        when = now or self._clock.now()
+        millis = int(when.timestamp() * 1000)
+        # A new millisecond starts from fresh random bits; within the same one (or if the clock went
+        # back) the id counts up from the last, as the ULID spec's monotonic mode does.
+        fresh = millis > self._last >> 80
+        self._last = value = (millis << 80) | int.from_bytes(os.urandom(10)) if fresh else self._last + 1
+        return _encode_ulid(value)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _encode_ulid(value: int) -> str:
+    """128 bits as 26 Crockford base-32 characters (the ULID text form)."""
+    chars = [""] * 26
+    for i in range(25, -1, -1):
+        chars[i] = _CROCKFORD[value & 31]
+        value >>= 5
+    return "".join(chars)
 
 
 class _SortedKeys(Generic[K]):
-    """A sorted multiset of keys as a list of sorted blocks (a minimal B+-tree leaf level).
+    """A sorted set of keys as a list of sorted blocks (a minimal B+-tree leaf level).
 
     Inserting or removing costs O(log n + block) instead of a list's O(n) memmove, and iteration can
     start at any key. Keys are unique here (every key ends with an `_id`).
+
+    With `text_of`, each block also keeps a lazily built summary: the search texts of its keys joined in
+    one string. A search tests a whole block with one C-speed substring scan and walks its keys one by
+    one only when the block contains the needle, so a search that matches little costs about a scan of
+    the text, not a Python step per identity. A summary is dropped whenever its block changes
+    (`add`, `discard`) or a key's text changes (`touch`), and rebuilt on the next search.
     """
 
-    __slots__ = ("_blocks", "_len", "_maxes")
+    __slots__ = ("_blocks", "_len", "_maxes", "_text_of", "_texts")
 
-    def __init__(self, keys: list[K] | None = None) -> None:
+    def __init__(self, keys: list[K] | None = None, text_of: Callable[[K], str] | None = None) -> None:
         keys = sorted(keys) if keys else []
         self._blocks: list[list[K]] = [keys[i : i + _BLOCK] for i in range(0, len(keys), _BLOCK)]
         self._maxes: list[K] = [block[-1] for block in self._blocks]
+        self._texts: list[str | None] = [None] * len(self._blocks)
+        self._text_of: Callable[[K], str] | None = text_of
         self._len = len(keys)
 
     def __len__(self) -> int:
@@ -144,6 +170,7 @@ class _SortedKeys(Generic[K]):
         if not blocks:
             blocks.append([key])
             maxes.append(key)
+            self._texts.append(None)
             return
         i = bisect_left(maxes, key)
         if i == len(blocks):
@@ -151,9 +178,11 @@ class _SortedKeys(Generic[K]):
         block = blocks[i]
         insort(block, key)
         maxes[i] = block[-1]
+        self._texts[i] = None
         if len(block) > 2 * _BLOCK:
             blocks[i : i + 1] = [block[:_BLOCK], block[_BLOCK:]]
             maxes[i : i + 1] = [block[_BLOCK - 1], block[-1]]
+            self._texts[i : i + 1] = [None, None]
 
     def discard(self, key: K) -> None:
         blocks, maxes = self._blocks, self._maxes
@@ -168,51 +197,52 @@ class _SortedKeys(Generic[K]):
         self._len -= 1
         if block:
             maxes[i] = block[-1]
+            self._texts[i] = None
         else:
             del blocks[i]
             del maxes[i]
+            del self._texts[i]
 
-    def ascending_after(self, key: K | None) -> Iterator[K]:
-        """Keys > `key` (all keys when None), smallest first."""
+    def touch(self, key: K) -> None:
+        """The search text of `key` changed: drop its block's summary."""
+        i = bisect_left(self._maxes, key)
+        if i < len(self._blocks):
+            self._texts[i] = None
+
+    def _may_contain(self, i: int, needle: str | None) -> bool:
+        if needle is None or self._text_of is None:
+            return True
+        text = self._texts[i]
+        if text is None:
+            text = self._texts[i] = _BLOCK_TEXT_SEPARATOR.join(map(self._text_of, self._blocks[i]))
+        return needle in text
+
+    def ascending_after(self, key: K | None, needle: str | None = None) -> Iterator[K]:
+        """Keys > `key` (all keys when None), smallest first; with `needle`, blocks whose summary lacks
+        it are skipped (the caller still tests each key it gets)."""
         blocks = self._blocks
         if key is None:
             i, j = 0, 0
         else:
             i = bisect_right(self._maxes, key)
-            if i == len(blocks):
-                return
-            j = bisect_right(blocks[i], key)
+            j = bisect_right(blocks[i], key) if i < len(blocks) else 0
         while i < len(blocks):
-            block = blocks[i]
-            while j < len(block):
-                yield block[j]
-                j += 1
+            if self._may_contain(i, needle):
+                yield from islice(blocks[i], j, None) if j else blocks[i]
             i, j = i + 1, 0
 
-    def descending_before(self, key: K | None) -> Iterator[K]:
-        """Keys < `key` (all keys when None), largest first."""
+    def descending_before(self, key: K | None, needle: str | None = None) -> Iterator[K]:
+        """Keys < `key` (all keys when None), largest first; `needle` as in `ascending_after`."""
         blocks = self._blocks
-        if not blocks:
-            return
-        if key is None:
-            i = len(blocks) - 1
-            j = len(blocks[i])
-        else:
-            i = bisect_left(self._maxes, key)
-            if i == len(blocks):
-                i -= 1
-                j = len(blocks[i])
-            else:
-                j = bisect_left(blocks[i], key)
+        i = len(blocks) - 1 if key is None else bisect_left(self._maxes, key)
+        end: int | None = None  # where the first block's keys stop; None: the whole block
+        if key is not None and i < len(blocks):
+            end = bisect_left(blocks[i], key)
+        i = min(i, len(blocks) - 1)
         while i >= 0:
-            block = blocks[i]
-            j = min(j, len(block))
-            while j > 0:
-                j -= 1
-                yield block[j]
-            i -= 1
-            if i >= 0:
-                j = len(blocks[i])
+            if self._may_contain(i, needle):
+                yield from reversed(blocks[i]) if end is None else reversed(blocks[i][:end])
+            i, end = i - 1, None
 
 
 def _updated_key(record: Identity) -> tuple[str, str]:
@@ -226,26 +256,32 @@ def _name_key(record: Identity) -> tuple[str, str]:
 class _Workspace:
     """One workspace's records and indexes."""
 
-    __slots__ = ("by_external", "by_id", "by_name", "by_updated", "ids", "tags")
+    __slots__ = ("by_external", "by_id", "by_name", "by_updated", "ids", "tags", "text_of_id", "text_of_key")
 
     def __init__(self) -> None:
         self.by_id: dict[str, Identity] = {}
         self.by_external: dict[str, str] = {}
-        self.ids: _SortedKeys[str] = _SortedKeys()
+        by_id = self.by_id
+        self.text_of_id: Callable[[str], str] = lambda identity_id: by_id[identity_id].search_text
+        self.text_of_key: Callable[[tuple[str, str]], str] = lambda key: by_id[key[1]].search_text
+        self.ids: _SortedKeys[str] = _SortedKeys(text_of=self.text_of_id)
         self.tags: dict[str, _SortedKeys[str]] = {}
         # Built on first use (see the module docstring).
         self.by_updated: _SortedKeys[tuple[str, str]] | None = None
         self.by_name: _SortedKeys[tuple[str, str]] | None = None
+
+    def _postings(self, tag: str) -> _SortedKeys[str]:
+        postings = self.tags.get(tag)
+        if postings is None:
+            postings = self.tags[tag] = _SortedKeys(text_of=self.text_of_id)
+        return postings
 
     def index(self, record: Identity) -> None:
         self.by_id[record.id] = record
         self.by_external[record.external_id] = record.id
         self.ids.add(record.id)
         for tag in record.tags:
-            postings = self.tags.get(tag)
-            if postings is None:
-                postings = self.tags[tag] = _SortedKeys()
-            postings.add(record.id)
+            self._postings(tag).add(record.id)
         if self.by_updated is not None:
             self.by_updated.add(_updated_key(record))
         if self.by_name is not None:
@@ -262,22 +298,30 @@ class _Workspace:
             self.by_name.discard(_name_key(record))
 
     def replace(self, old: Identity, new: Identity) -> None:
-        """Swap a record for its updated version, touching only the indexes whose key moved."""
+        """Swap a record for its updated version: move the keys that changed, and drop the search
+        summaries of the blocks that hold it when its search text changed."""
         self.by_id[new.id] = new
+        text_changed = old.search_text != new.search_text
+        if text_changed:
+            self.ids.touch(new.id)
         if old.tags != new.tags:
             self._untag(old, tuple(t for t in old.tags if t not in new.tags))
             for tag in new.tags:
                 if tag not in old.tags:
-                    postings = self.tags.get(tag)
-                    if postings is None:
-                        postings = self.tags[tag] = _SortedKeys()
-                    postings.add(new.id)
-        if self.by_updated is not None and old.updated != new.updated:
-            self.by_updated.discard(_updated_key(old))
-            self.by_updated.add(_updated_key(new))
-        if self.by_name is not None and old.display_name != new.display_name:
-            self.by_name.discard(_name_key(old))
-            self.by_name.add(_name_key(new))
+                    self._postings(tag).add(new.id)
+        if text_changed:
+            for tag in new.tags:
+                if tag in old.tags:
+                    self.tags[tag].touch(new.id)
+        for index, key_of in ((self.by_updated, _updated_key), (self.by_name, _name_key)):
+            if index is None:
+                continue
+            old_key, new_key = key_of(old), key_of(new)
+            if old_key != new_key:
+                index.discard(old_key)
+                index.add(new_key)
+            elif text_changed:
+                index.touch(new_key)
 
     def _untag(self, record: Identity, tags: tuple[str, ...]) -> None:
         for tag in tags:
@@ -289,12 +333,13 @@ class _Workspace:
 
     def updated_index(self) -> _SortedKeys[tuple[str, str]]:
         if self.by_updated is None:
-            self.by_updated = _SortedKeys([_updated_key(r) for r in self.by_id.values()])
+            keys = [_updated_key(r) for r in self.by_id.values()]
+            self.by_updated = _SortedKeys(keys, text_of=self.text_of_key)
         return self.by_updated
 
     def name_index(self) -> _SortedKeys[tuple[str, str]]:
         if self.by_name is None:
-            self.by_name = _SortedKeys([_name_key(r) for r in self.by_id.values()])
+            self.by_name = _SortedKeys([_name_key(r) for r in self.by_id.values()], text_of=self.text_of_key)
         return self.by_name
 
 
@@ -400,12 +445,14 @@ class InMemoryIdentityStore:
         return None
 
 
-def _walk(index: _SortedKeys[Any], cursor: Any, *, descending: bool, backward: bool) -> Iterator[Any]:
+def _walk(
+    index: _SortedKeys[Any], cursor: Any, needle: str | None, *, descending: bool, backward: bool
+) -> Iterator[Any]:
     """Index keys strictly beyond `cursor` in the walking direction (page order, or reversed when
-    paging backwards)."""
+    paging backwards), skipping blocks that cannot match `needle`."""
     if descending != backward:
-        return index.descending_before(cursor)
-    return index.ascending_after(cursor)
+        return index.descending_before(cursor, needle)
+    return index.ascending_after(cursor, needle)
 
 
 def _page(ws: _Workspace, query: IdentityQuery) -> IdentityPage:
@@ -417,14 +464,8 @@ def _page(ws: _Workspace, query: IdentityQuery) -> IdentityPage:
     wanted_tags = query.tags
     by_id = ws.by_id
 
-    def keep(record: Identity) -> bool:
-        if needle is not None and needle not in record.search_text:
-            return False
-        return all(tag in record.tags for tag in wanted_tags)
-
-    # Which index to walk, and how a key becomes a record.
+    # Which index to walk.
     keys: Iterator[Any]
-    to_id: Callable[[Any], str]
     if query.sort_by is None:
         index: _SortedKeys[Any] = ws.ids
         if wanted_tags:
@@ -433,8 +474,7 @@ def _page(ws: _Workspace, query: IdentityQuery) -> IdentityPage:
             if any(p is None for p in postings):
                 return IdentityPage(data=[], has_more=False)
             index = min((p for p in postings if p is not None), key=len)
-        keys = _walk(index, cursor_id, descending=True, backward=backward)
-        to_id = _same
+        keys = _walk(index, cursor_id, needle, descending=True, backward=backward)
     else:
         if query.sort_by == SORT_UPDATED:
             sorted_index, key_of, descending = ws.updated_index(), _updated_key, True
@@ -446,29 +486,21 @@ def _page(ws: _Workspace, query: IdentityQuery) -> IdentityPage:
             if cursor_record is None:
                 raise InvalidCursorError("ending_before" if backward else "starting_after", cursor_id)
             cursor_key = key_of(cursor_record)
-        keys = _walk(sorted_index, cursor_key, descending=descending, backward=backward)
-        to_id = _second
+        keys = _walk(sorted_index, cursor_key, needle, descending=descending, backward=backward)
 
-    data: list[Identity] = []
-    want = query.limit + 1
+    # Lazy pipeline, in C where possible: index keys -> records -> filters -> the first limit + 1.
+    records: Iterator[Identity] = map(by_id.__getitem__, map(_second, keys) if query.sort_by else keys)
+    if needle is not None:
+        records = (r for r in records if needle in r.search_text)
     # Walking one tag's posting list in `_id` order needs no check for that tag.
-    filtered = needle is not None or len(wanted_tags) > 1 or bool(wanted_tags and query.sort_by is not None)
-    for key in keys:
-        record = by_id[to_id(key)]
-        if filtered and not keep(record):
-            continue
-        data.append(record)
-        if len(data) == want:
-            break
+    if len(wanted_tags) > 1 or (wanted_tags and query.sort_by is not None):
+        records = (r for r in records if all(tag in r.tags for tag in wanted_tags))
+    data = list(islice(records, query.limit + 1))
     has_more = len(data) > query.limit
     del data[query.limit :]
     if backward:
         data.reverse()
     return IdentityPage(data=data, has_more=has_more)
-
-
-def _same(key: str) -> str:
-    return key
 
 
 def _second(key: tuple[str, str]) -> str:

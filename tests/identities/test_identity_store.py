@@ -42,15 +42,18 @@ def clock() -> FakeClock:
     return FakeClock(START)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-in-memory"])
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[IdentityStore]:
+    """Every store the protocol suite runs against (SQLite on a file reads inline; `:memory:` does not)."""
     s: IdentityStore
     if request.param == "memory":
         s = InMemoryIdentityStore(clock=clock)
-    else:
+    elif request.param == "sqlite":
         s = SqliteIdentityStore(str(tmp_path / "state.db"), clock=clock)
+    else:
+        s = SqliteIdentityStore(":memory:", clock=clock)
     yield s
     await s.close()
 
@@ -317,44 +320,87 @@ def _fields(query: IdentityQuery) -> dict[str, Any]:
     return {"search": query.search, "tags": query.tags, "sort_by": query.sort_by}
 
 
+async def _all_records(store: IdentityStore) -> list[Identity]:
+    records: list[Identity] = []
+    q = IdentityQuery(limit=50)
+    while True:
+        page = await store.list("ws", q)
+        records.extend(page.data)
+        if not page.has_more:
+            return records
+        q = IdentityQuery(limit=50, starting_after=page.data[-1].id)
+
+
+async def _check_every_query(store: IdentityStore) -> None:
+    """Every order x search x tag filter x page size: both walks equal the brute-force list."""
+    records = await _all_records(store)
+    for sort_by in (None, SORT_UPDATED, SORT_DISPLAY_NAME):
+        for search in (None, "user-01", "ADA", "example", "nomatch"):
+            for tag_filter in ((), ("red",), ("red", "blue")):
+                query = IdentityQuery(search=search, tags=tag_filter, sort_by=sort_by)
+                expected = _expected(records, query)
+                for limit in (1, 7, 50):
+                    seen = await _walk_all(store, query, limit)
+                    assert seen == expected, (sort_by, search, tag_filter, limit)
+
+
+NAMES = ["Ada", "ada", "Bob", "carol", None, "Émile", "zoe"]
+TAGS = ["red", "green", "blue"]
+
+
+async def _churn(store: IdentityStore, clock: FakeClock, rnd: random.Random, start: int) -> None:
+    """Updates (names, emails, tags), deletes and creates, some within the same millisecond."""
+    everyone = await _all_records(store)
+    for rec in rnd.sample(everyone, 15):
+        clock.advance(rnd.choice([0, 1]))
+        await store.update(
+            "ws",
+            rec.id,
+            f(
+                display_name=rnd.choice(NAMES),
+                email=rnd.choice([None, f"{rec.external_id}@example.com"]),
+                tags=rnd.sample(TAGS, rnd.randint(0, 2)),
+            ),
+        )
+    for rec in rnd.sample(everyone, 5):
+        await store.delete("ws", rec.id)
+    for i in range(start, start + 5):
+        clock.advance(rnd.choice([0, 0.001]))
+        await store.create("ws", f"user-{i:03d}", f(display_name=rnd.choice(NAMES), tags=rnd.sample(TAGS, 2)))
+
+
 async def test_pages_match_brute_force(store: IdentityStore, clock: FakeClock) -> None:
-    """Every order x filter x page size: forward and backward walks equal the brute-force list."""
+    """Forward and backward walks of every query equal the brute-force list, before and after churn."""
     rnd = random.Random(7)
-    names = ["Ada", "ada", "Bob", "carol", None, "Émile", "zoe"]
-    tags = ["red", "green", "blue"]
     for i in range(60):
         clock.advance(rnd.choice([0, 0, 0.001, 1]))
         await store.create(
             "ws",
             f"user-{i:03d}",
             f(
-                display_name=rnd.choice(names),
+                display_name=rnd.choice(NAMES),
                 email=rnd.choice([None, f"u{i}@example.com"]),
-                tags=rnd.sample(tags, rnd.randint(0, 3)),
+                tags=rnd.sample(TAGS, rnd.randint(0, 3)),
             ),
         )
-    # Some updates, so `updated` differs from `created`.
-    everyone = (await store.list("ws", IdentityQuery(limit=50))).data
-    for rec in rnd.sample(everyone, 15):
+    await _check_every_query(store)
+    await _churn(store, clock, rnd, 100)
+    await _check_every_query(store)
+
+
+async def test_memory_small_blocks_stay_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 3-key blocks (many splits, merges and search summaries), churn never leaves a stale index."""
+    monkeypatch.setattr(store_module, "_BLOCK", 3)
+    clock = FakeClock(START)
+    store = InMemoryIdentityStore(clock=clock)
+    rnd = random.Random(11)
+    for i in range(40):
         clock.advance(rnd.choice([0, 1]))
-        await store.update("ws", rec.id, f(display_name=rnd.choice(names), tags=rnd.sample(tags, 1)))
-    all_records: list[Identity] = []
-    q = IdentityQuery(limit=50)
-    while True:
-        page = await store.list("ws", q)
-        all_records.extend(page.data)
-        if not page.has_more:
-            break
-        q = IdentityQuery(limit=50, starting_after=page.data[-1].id)
-    assert len(all_records) == 60
-    for sort_by in (None, SORT_UPDATED, SORT_DISPLAY_NAME):
-        for search in (None, "user-01", "ADA", "example"):
-            for tag_filter in ((), ("red",), ("red", "blue")):
-                query = IdentityQuery(search=search, tags=tag_filter, sort_by=sort_by)
-                expected = _expected(all_records, query)
-                for limit in (1, 7, 50):
-                    seen = await _walk_all(store, query, limit)
-                    assert seen == expected, (sort_by, search, tag_filter, limit)
+        await store.create("ws", f"user-{i:03d}", f(display_name=rnd.choice(NAMES), tags=rnd.sample(TAGS, 2)))
+    for round_ in range(3):
+        await _check_every_query(store)
+        await _churn(store, clock, rnd, 100 + 10 * round_)
+    await _check_every_query(store)
 
 
 async def test_has_more_at_both_ends(store: IdentityStore) -> None:
