@@ -20,7 +20,7 @@ from orq_proxy.auth import KeyRing
 from orq_proxy.metering.events import UsageEvent
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.engine import ReportEngine, ReportScope, offset_segments
-from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, parse_report_query
+from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, format_timestamp, parse_report_query
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
@@ -535,3 +535,49 @@ async def test_engine_scopes_workspace_and_project(store: DuckDBEventStore) -> N
         want = sum(1 for e in EVENTS if keep(e) and start <= e.timestamp < end)
         assert result.rows[0].metrics == {"genai.requests": want}
         assert result.totals == {"genai.requests": want}
+
+
+@pytest.mark.parametrize(
+    ("zone", "grain", "start"),
+    [
+        # -02:30 -> -03:30 at 2026-11-01 04:30 UTC: hour buckets stay at :30 UTC.
+        ("America/St_Johns", "hour", datetime(2026, 10, 31, 20, tzinfo=UTC)),
+        ("America/St_Johns", "day", datetime(2026, 10, 31, 20, tzinfo=UTC)),
+        # +10:30 -> +11:00 at 2026-10-03 15:30 UTC: hour buckets move from :30 to :00 UTC.
+        ("Australia/Lord_Howe", "hour", datetime(2026, 10, 3, 9, tzinfo=UTC)),
+        # -04:00 -> -03:00 at local midnight (2026-09-06 04:00 UTC): that local day starts at 01:00.
+        ("America/Santiago", "day", datetime(2026, 9, 5, 20, tzinfo=UTC)),
+        ("America/Santiago", "hour", datetime(2026, 9, 5, 20, tzinfo=UTC)),
+    ],
+)
+def test_buckets_across_transitions(zone: str, grain: str, start: datetime) -> None:
+    """Across DST transitions (sub-hour zones, a 30-minute shift, a midnight one) each event lands in the
+    bucket zoneinfo gives for it."""
+    events = [
+        UsageEvent(
+            event_id=f"t{i}",
+            timestamp=start + timedelta(minutes=7 * i),
+            workspace="w",
+            project="p",
+            api_key_id="k",
+        )
+        for i in range(140)
+    ]
+    store = DuckDBEventStore()
+    store.insert(events)
+    try:
+        body = {
+            "metric": "genai.requests",
+            "from": format_timestamp(start),
+            "to": format_timestamp(start + timedelta(hours=17)),
+            "grain": grain,
+            "time_zone": zone,
+        }
+        query = parse_report_query(body, now=start + timedelta(days=2))
+        result = ReportEngine(store).run_sync(query, ReportScope("w"))
+    finally:
+        store.close()
+    want: dict[datetime, int] = defaultdict(int)
+    for e in events:
+        want[_bucket(e.timestamp, grain, ZoneInfo(zone))] += 1
+    assert [(row.timestamp, row.metrics["genai.requests"]) for row in result.rows] == sorted(want.items())
