@@ -39,6 +39,7 @@ from orq_proxy.metering.prometheus import PrometheusMetrics, prometheus_route
 from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
+from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 
@@ -251,6 +252,10 @@ def build_app(
     )
     routes += budget_routes(
         keyring=keyring, store=budget_store, counters=budget_counters, clock=clock, notifiers=config.notifiers
+    )
+    # reporting reads the same event store the sink bus writes (`[reporting] retention_days` bounds `from`).
+    routes += reporting_routes(
+        keyring=keyring, event_store=event_store, clock=clock, retention_days=config.reporting.retention_days
     )
     routes = [Route("/healthz", healthz), Route("/readyz", readyz), *routes]
     shutdown.insert(0, _close_event_store(event_store))
