@@ -398,6 +398,9 @@ def _fast_text_bytes(raw: bytes) -> int:
 def _strip_usage_null(raw: bytes, obj: dict[str, Any] | None = None) -> bytes:
     """`raw` without its top-level `"usage":null` member, touching no other byte when possible."""
     if raw.count(b'"usage"') == 1:  # the key is nowhere else (nested, or as a string value)
+        at = raw.find(b',"usage":null')  # the compact form OpenAI sends: no regex needed
+        if at >= 0 and raw[at + 13 : at + 14] in (b"}", b","):
+            return raw[:at] + raw[at + 13 :]
         new, n = _USAGE_NULL_AFTER.subn(b"", raw)
         if n != 1:
             new, n = _USAGE_NULL_FIRST.subn(b"", raw)
