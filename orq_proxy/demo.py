@@ -119,7 +119,53 @@ def step_metering(run: DemoRun) -> None:
     )
 
 
-STEPS: list[Callable[[DemoRun], None]] = [step_chat, step_stream, step_unknown_provider, step_metering]
+def step_budget(run: DemoRun) -> None:
+    """A daily token budget for identity `bob`: requests pass while their estimate fits, then 429."""
+    import httpx
+    import openai
+
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(
+        run.url + "/v2/budgets",
+        headers=admin,
+        json={
+            "scope": {"identity": {"identity_external_id": "bob"}},
+            "limits": {"period": "BUDGET_PERIOD_DAILY", "token_limit": 120},
+        },
+    )
+    created.raise_for_status()
+    budget_id = created.json()["budget"]["budgetId"]
+    run.say(f"budget    -> POST /v2/budgets {budget_id}: identity bob, 120 tokens per day")
+    client = run.openai()
+    for i in range(1, 11):
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "Tell me a story"}],
+                max_tokens=40,  # reserved up front: input estimate + 40, settled to the actual usage
+                extra_headers={"X-ORQ-IDENTITY-ID": "bob"},
+            )
+        except openai.RateLimitError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            run.say(f"             request {i}: 429 {body.get('code')}: {body.get('message')}")
+            run.say(
+                f"             Retry-After: {exc.response.headers.get('retry-after')} s (next UTC midnight)"
+            )
+            break
+        run.say(f"             request {i}: 200")
+    else:
+        raise RuntimeError("the budget never refused a request")
+    usage = httpx.get(f"{run.url}/v2/budgets/{budget_id}", headers=admin).json()["budget"]["usage"]
+    run.say(f"             usage: {usage['tokens']} tokens, {usage['requests']} requests in the last minute")
+
+
+STEPS: list[Callable[[DemoRun], None]] = [
+    step_chat,
+    step_stream,
+    step_unknown_provider,
+    step_metering,
+    step_budget,
+]
 
 
 def run_demo(out: Callable[[str], None] = print) -> int:
