@@ -1,10 +1,12 @@
 """`IdentityMetrics`: the 30-day per-identity figures behind `include_metrics`.
 
-Each (workspace, external_id) that has been attributed a request owns one ring of 30 daily slots (UTC
-days), each slot holding its day number and that day's requests, errors, tokens and cost in nano-USD,
-packed in one `array('q')`. `record` touches one slot: O(1), no allocation after the ring exists. A slot
-whose day is stale is zeroed when its day comes round again, so nothing ever needs sweeping for
-correctness; `prune()` only frees rings of identities idle for the whole window.
+Each (workspace, external_id) that has been attributed a request owns a small ring of daily slots (UTC
+days): at most 30 slots of five int64s each (day number, requests, errors, tokens, cost in nano-USD),
+packed in one `array('q')` in day order. Only days with traffic take a slot, so an identity seen on one
+day costs about 100 bytes of ring, and one active every day about 1.3 KB. `record` is O(1): the current
+day is the last slot (a late event walks back at most 30 slots), and a new day drops the slots that
+left the window. `snapshot` sums at most 30 slots. `prune()` frees the rings of identities idle for the
+whole window.
 
 Failure policy: metering fails open, so `record` never raises (a bad event is logged and dropped).
 """
@@ -58,7 +60,6 @@ class IdentityMetrics:
             raise ValueError("days must be at least 1")
         self._clock = clock
         self._days = days
-        self._zero_bytes = bytes(8 * _WIDTH * days)
         self._rings: dict[tuple[str, str], array[int]] = {}
 
     def __len__(self) -> int:
@@ -74,14 +75,10 @@ class IdentityMetrics:
             key = (event.workspace, event.identity)
             ring = self._rings.get(key)
             if ring is None:
-                ring = self._rings[key] = array("q", self._zero_bytes)
-            base = (day % self._days) * _WIDTH
-            slot_day = ring[base]
-            if slot_day != day:
-                if slot_day > day:
-                    return  # a late event for a day that has already left the window
-                ring[base] = day
-                ring[base + 1] = ring[base + 2] = ring[base + 3] = ring[base + 4] = 0
+                ring = self._rings[key] = array("q")
+            base = self._slot(ring, day)
+            if base < 0:
+                return  # a late event for a day that has already left the window
             ring[base + 1] += 1
             if event.status == "ERROR":
                 ring[base + 2] += 1
@@ -89,6 +86,32 @@ class IdentityMetrics:
             ring[base + 4] += event.total_cost_nanos
         except Exception:
             logger.exception("identity metrics: dropped usage event %s", getattr(event, "event_id", "?"))
+
+    def _slot(self, ring: array[int], day: int) -> int:
+        """The offset of `day`'s slot, created if needed; -1 when the day is older than the window."""
+        last = len(ring) - _WIDTH
+        if last >= 0 and ring[last] == day:
+            return last  # the common case: another event today
+        if last < 0 or ring[last] < day:
+            first_kept = day - self._days + 1
+            stale = 0
+            while stale < len(ring) and ring[stale] < first_kept:
+                stale += _WIDTH
+            if stale:
+                del ring[:stale]
+            ring.extend((day, 0, 0, 0, 0))
+            return len(ring) - _WIDTH
+        # A late event: its day is before the newest slot.
+        if day < ring[last] - self._days + 1:
+            return -1
+        base = last
+        while base >= 0 and ring[base] > day:
+            base -= _WIDTH
+        if base >= 0 and ring[base] == day:
+            return base
+        base += _WIDTH
+        ring[base:base] = array("q", (day, 0, 0, 0, 0))
+        return base
 
     def snapshot(self, workspace: str, external_id: str) -> dict[str, Any]:
         """`total_tokens`, `total_cost` (USD, 10 decimals), `total_requests`, `error_rate` (0..1)."""
@@ -118,11 +141,8 @@ class IdentityMetrics:
     def prune(self) -> int:
         """Free the rings with nothing inside the window; how many were freed. O(identities)."""
         first = _day(self._clock.now()) - self._days + 1
-        idle = [
-            key
-            for key, ring in self._rings.items()
-            if all(ring[base] < first for base in range(0, len(ring), _WIDTH))
-        ]
+        # Slots are in day order, so the last one is the newest.
+        idle = [key for key, ring in self._rings.items() if not ring or ring[len(ring) - _WIDTH] < first]
         for key in idle:
             del self._rings[key]
         return len(idle)

@@ -88,7 +88,7 @@ _COLUMN_NAMES: Final = (
 )
 _COLUMNS: Final = ", ".join(_COLUMN_NAMES)
 _QUALIFIED: Final = ", ".join(f"identities.{name}" for name in _COLUMN_NAMES)
-_TAG_COUNT_CAP: Final = 10_000
+_TAG_COUNT_CAP: Final = 1_000
 
 
 def _row_to_identity(row: tuple[Any, ...]) -> Identity:

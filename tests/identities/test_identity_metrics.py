@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -130,3 +131,35 @@ def test_days_must_be_positive() -> None:
     """A window shorter than a day is a configuration error."""
     with pytest.raises(ValueError, match="days"):
         IdentityMetrics(clock=FakeClock(START), days=0)
+
+
+def test_matches_brute_force_with_late_events() -> None:
+    """Random traffic over 90 days, some of it late and out of order: snapshot == the events in window."""
+    rnd = random.Random(5)
+    clock = FakeClock(START)
+    m = IdentityMetrics(clock=clock)
+    seen: list[UsageEvent] = []
+    for _ in range(3000):
+        clock.advance(seconds=rnd.choice([0, 60, 3600, 20_000]))
+        lag = timedelta(days=rnd.choice([0, 0, 0, 0, 1, 5, 29, 31])) if rnd.random() < 0.3 else timedelta()
+        e = event(
+            clock.now() - lag,
+            identity=rnd.choice(["a", "b"]),
+            status=rnd.choice(["OK", "OK", "ERROR"]),
+            total_tokens=rnd.randint(0, 50),
+            total_cost_nanos=rnd.randint(0, 10_000),
+        )
+        m.record(e)
+        seen.append(e)
+        if rnd.random() < 0.05:
+            today = clock.now().date()
+            for who in ("a", "b"):
+                window = [
+                    x for x in seen if x.identity == who and 0 <= (today - x.timestamp.date()).days < 30
+                ]
+                got = m.snapshot("ws", who)
+                assert got["total_requests"] == len(window)
+                assert got["total_tokens"] == sum(x.total_tokens for x in window)
+                assert got["total_cost"] == round(sum(x.total_cost_nanos for x in window) / 1e9, 10)
+                errors = sum(x.status == "ERROR" for x in window)
+                assert got["error_rate"] == pytest.approx(errors / len(window) if window else 0.0)
