@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ from orq_proxy.testing.servers import ServerThread
 
 MESSAGES: list[Any] = [{"role": "user", "content": "count the words in this prompt"}]
 UPSTREAM_KEY = "sk-upstream-secret"
+
+
+def closing_client(server: ServerThread, request: pytest.FixtureRequest) -> openai.OpenAI:
+    """An SDK client on the proxy, closed when the test ends (no leaked sockets)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    request.addfinalizer(client.close)
+    return client
 
 
 def wait_events(sink: MemorySink, n: int, timeout: float = 3.0) -> list[UsageEvent]:
@@ -60,11 +68,11 @@ def assert_cost(event: UsageEvent, model: str) -> None:
 
 
 @pytest.fixture
-def metered(proxy_factory: Any) -> tuple[OrqProxy, ServerThread, MemorySink, openai.OpenAI]:
+def metered(proxy_factory: Any) -> Iterator[tuple[OrqProxy, ServerThread, MemorySink, openai.OpenAI]]:
     sink = MemorySink()
     app, server = proxy_factory(sinks=[sink])
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-client", max_retries=0)
-    return app, server, sink, client
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="sk-client", max_retries=0) as client:
+        yield app, server, sink, client
 
 
 DETAILS = {"x-fake-cached-tokens": "3", "x-fake-reasoning-tokens": "2"}
@@ -261,12 +269,12 @@ def test_upstream_death_mid_stream_one_flagged_event(metered: Any, fake: FakeUps
 
 
 def test_events_reach_duckdb_and_jsonl_within_a_second(
-    proxy_factory: Any, fake: FakeUpstream, tmp_path: Path
+    proxy_factory: Any, fake: FakeUpstream, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The default event store (what reporting reads) and a configured JSONL sink get the event quickly."""
     path = tmp_path / "events.jsonl"
     app, server = proxy_factory({"sinks": [{"type": "jsonl", "path": str(path)}]})
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    client = closing_client(server, request)
     out = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     t0 = time.monotonic()
     while app.event_store.count() < 1 and time.monotonic() - t0 < 1.0:
@@ -283,13 +291,15 @@ def test_events_reach_duckdb_and_jsonl_within_a_second(
     )
 
 
-def test_price_override_and_unknown_model(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_price_override_and_unknown_model(
+    proxy_factory: Any, fake: FakeUpstream, request: pytest.FixtureRequest
+) -> None:
     """`[prices."openai/my-model"]` prices a model genai-prices does not know; another unknown one is 0,
     flagged, and counted on /metrics."""
     sink = MemorySink()
     prices = {"openai/my-model": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
     _, server = proxy_factory({"prices": prices}, sinks=[sink])
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    client = closing_client(server, request)
     a = client.chat.completions.create(model="my-model", messages=MESSAGES)
     client.chat.completions.create(model="mystery-model", messages=MESSAGES)
     events = sorted(wait_events(sink, 2), key=lambda e: e.event_id)
@@ -304,12 +314,14 @@ def test_price_override_and_unknown_model(proxy_factory: Any, fake: FakeUpstream
     assert 'orq_proxy_sink_events_dropped_total{sink="memory",reason="queue_full"} 0' in text
 
 
-def test_include_metrics_exact_after_known_sequence(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_include_metrics_exact_after_known_sequence(
+    proxy_factory: Any, fake: FakeUpstream, request: pytest.FixtureRequest
+) -> None:
     """3 successes, 1 upstream error, 1 stream and 1 client disconnect for one identity: the 30-day
     metrics on `GET /v2/identities?include_metrics=true` equal the sums of the events, exactly."""
     sink = MemorySink()
     _, server = proxy_factory(sinks=[sink])
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+    client = closing_client(server, request)
     who = {"identity": {"id": "user_metrics"}}
     for words in ("3", "4", "5"):
         client.chat.completions.create(
