@@ -119,6 +119,41 @@ def step_metering(run: DemoRun) -> None:
     )
 
 
+def step_identities(run: DemoRun) -> None:
+    """A call that carries `orq.identity` upserts the identity; the orq SDK lists it with its metrics."""
+    from orq_ai_sdk import Orq
+
+    identity = {
+        "id": "ada",
+        "display_name": "Ada Lovelace",
+        "email": "ada@example.com",
+        "metadata": [{"plan": "pro"}],
+        "tags": ["beta"],
+    }
+    run.openai().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Who am I?"}],
+        extra_body={"orq": {"identity": identity}},
+    )
+    run.say("identity  -> chat with extra_body orq.identity {id: ada, ...}: attributed, record upserted")
+    with Orq(api_key=ADMIN_KEY, server_url=run.url, timeout_ms=10_000) as orq:
+        deadline = time.monotonic() + 1.0
+        while True:  # the metrics are fed when the request settles, just after the response
+            page = orq.identities.list(include_metrics=True)
+            ada = next(i for i in page.data if i.external_id == "ada")
+            if (ada.metrics and ada.metrics.total_requests) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    run.say("             GET /v2/identities?include_metrics=true (30-day figures):")
+    for ident in page.data:
+        m = ident.metrics
+        run.say(
+            f"             {ident.external_id} ({ident.display_name}, tags {ident.tags}, _id {ident.id}): "
+            f"{m.total_requests if m else 0:.0f} requests, {m.total_tokens if m else 0:.0f} tokens, "
+            f"${m.total_cost if m else 0:.8f}, error rate {m.error_rate if m else 0:.2f}"
+        )
+
+
 def step_budget(run: DemoRun) -> None:
     """A daily token budget for identity `bob`: requests pass while their estimate fits, then 429."""
     import httpx
@@ -159,12 +194,50 @@ def step_budget(run: DemoRun) -> None:
     run.say(f"             usage: {usage['tokens']} tokens, {usage['requests']} requests in the last minute")
 
 
+def step_report(run: DemoRun) -> None:
+    """A report through the orq SDK: usage per identity over the last hour, top spenders first."""
+    from datetime import UTC, datetime, timedelta
+
+    from orq_ai_sdk import Orq
+
+    now = datetime.now(UTC)
+    with Orq(api_key=ADMIN_KEY, server_url=run.url, timeout_ms=10_000) as orq:
+        seen = -1
+        deadline = time.monotonic() + 1.0
+        while True:  # the last events reach the store within the sink bus's flush interval (~0.1 s)
+            report = orq.reporting.query(
+                metric="genai.usage",
+                from_=now - timedelta(hours=1),
+                to=now + timedelta(minutes=1),
+                group_by=["identity"],
+                mode="scalar",
+                include_totals=True,
+            )
+            total = (report.totals.metrics or {}).get("request_count", 0) if report.totals else 0
+            if total == seen or time.monotonic() > deadline:
+                break
+            seen = int(total)
+            time.sleep(0.15)
+    request_id = report.meta.request_id if report.meta else "?"
+    run.say(f"report    -> genai.usage by identity, last hour ({request_id}):")
+    run.say(f"             {'identity':<12}{'requests':>9}{'tokens':>8}{'cost USD':>13}{'errors':>7}")
+    for row in report.data or []:
+        m = row.metrics or {}
+        who = (row.dimensions or {}).get("identity", "(none)")
+        run.say(
+            f"             {who:<12}{m.get('request_count', 0):>9.0f}{m.get('total_tokens', 0):>8.0f}"
+            f"{m.get('total_cost', 0):>13.8f}{m.get('error_count', 0):>7.0f}"
+        )
+
+
 STEPS: list[Callable[[DemoRun], None]] = [
     step_chat,
     step_stream,
     step_unknown_provider,
     step_metering,
+    step_identities,
     step_budget,
+    step_report,
 ]
 
 
