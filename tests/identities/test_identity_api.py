@@ -262,46 +262,28 @@ def test_include_metrics(orq: Orq, proxy: tuple[OrqProxy, ServerThread], clock: 
     assert orq.identities.retrieve(id="m1").identity.metrics is None
 
 
-class _Budgets:
-    """A minimal `IdentityBudgetHooks` (the budgets slice provides the real one in the app)."""
-
-    def __init__(self) -> None:
-        self.deleted: list[tuple[str, str]] = []
-
-    async def identity_budget(self, workspace: str, external_id: str) -> dict[str, Any] | None:
-        if external_id != "with-budget":
-            return None
-        return {
-            "budget_id": "01JZBUDGET000000000000001",
-            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": 10.0, "token_limit": 100000},
-            "created_at": "2026-03-01T12:00:00Z",
-            "updated_at": "2026-03-01T12:00:00Z",
-            "is_active": True,
-        }
-
-    async def delete_identity_budgets(self, workspace: str, external_id: str) -> None:
-        self.deleted.append((workspace, external_id))
-
-
-def test_include_budget_and_delete_cleans_budgets(proxy_factory: Any) -> None:
-    """include_budget embeds the hook's budget (snake_case); DELETE asks the hooks to drop its budgets."""
-    hooks = _Budgets()
-    _, server = proxy_factory({"api_keys": KEYS}, identity_budget_hooks=hooks)
-    with Orq(api_key=ADMIN_A, server_url=server.url, timeout_ms=10_000) as orq:
-        orq.identities.create(external_id="with-budget")
-        orq.identities.create(external_id="plain")
-        got = orq.identities.retrieve(id="with-budget", include_budget=True).identity
-        assert got.budget is not None
-        assert got.budget.budget_id == "01JZBUDGET000000000000001"
-        assert got.budget.limits.amount == 10.0
-        assert orq.identities.retrieve(id="with-budget").identity.budget is None
-        listed = orq.identities.list(include_budget=True).data
-        assert [(i.external_id, i.budget is not None) for i in listed] == [
-            ("plain", False),
-            ("with-budget", True),
-        ]
-        orq.identities.delete(id="with-budget")
-    assert hooks.deleted == [("ws_a", "with-budget")]
+def test_include_budget_and_delete_cleans_budgets(orq: Orq) -> None:
+    """include_budget embeds the identity-scoped budget (snake_case, no usage); DELETE removes it too."""
+    orq.identities.create(external_id="with-budget")
+    orq.identities.create(external_id="plain")
+    created = orq.budgets.create(
+        scope={"identity": {"identity_external_id": "with-budget"}},
+        limits={"period": "BUDGET_PERIOD_MONTHLY", "amount": 10.0, "token_limit": 100_000},
+    )
+    budget_id = created.budget.budget_id
+    got = orq.identities.retrieve(id="with-budget", include_budget=True).identity
+    assert got.budget is not None
+    assert got.budget.budget_id == budget_id
+    assert (got.budget.limits.amount, got.budget.limits.token_limit) == (10.0, 100_000)
+    assert got.budget.usage is None
+    assert orq.identities.retrieve(id="with-budget").identity.budget is None
+    listed = orq.identities.list(include_budget=True).data
+    assert [(i.external_id, i.budget is not None) for i in listed] == [
+        ("plain", False),
+        ("with-budget", True),
+    ]
+    orq.identities.delete(id="with-budget")
+    assert [b.budget_id for b in orq.budgets.list().data] == []
 
 
 @pytest.mark.parametrize(
