@@ -35,6 +35,7 @@ from orq_proxy.identities.models import (
     IdentityFields,
     is_valid_email,
     normalize_fields,
+    text_problem,
 )
 from orq_proxy.identities.store import IdentityStore
 
@@ -55,13 +56,9 @@ class InvalidIdentityError(ValueError):
 def _text(value: Any, param: str, max_chars: int) -> str:
     if not isinstance(value, str):
         raise InvalidIdentityError(param, "must be a string")
-    if len(value) > max_chars:
-        raise InvalidIdentityError(param, f"must be at most {max_chars} characters, got {len(value)}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidIdentityError(param, "must be valid Unicode text (no lone surrogates)") from None
+    problem = text_problem(value, max_chars)
+    if problem is not None:
+        raise InvalidIdentityError(param, problem)
     return value
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "new_identity",
     "normalize_fields",
     "search_needle",
+    "text_problem",
 ]
 
 EXTERNAL_ID_MAX: Final = 255
@@ -290,14 +291,22 @@ def identity_to_wire(
 # ---- management API payloads (pydantic at the boundary) --------------------------------------------
 
 
-def _check_text(value: str, field: str, max_chars: int) -> str:
+def text_problem(value: str, max_chars: int) -> str | None:
+    """What is wrong with a text field (too long, or not storable as UTF-8), or None."""
     if len(value) > max_chars:
-        raise ValueError(f"{field} must be at most {max_chars} characters")
+        return f"must be at most {max_chars} characters, got {len(value)}"
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{field} must be valid Unicode text (no lone surrogates)") from None
+            return "must be valid Unicode text (no lone surrogates)"
+    return None
+
+
+def _check_text(value: str, field: str, max_chars: int) -> str:
+    problem = text_problem(value, max_chars)
+    if problem is not None:
+        raise ValueError(f"{field} {problem}")
     return value
 
 
