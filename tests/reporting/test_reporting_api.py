@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -296,3 +297,17 @@ def test_retention_days_must_be_positive(store: DuckDBEventStore) -> None:
     """A zero retention is a configuration error."""
     with pytest.raises(ValueError, match="retention_days"):
         routes(keyring=KeyRing(), event_store=store, clock=FakeClock(NOW), retention_days=0)
+
+
+def test_readme_example_runs(store: DuckDBEventStore) -> None:
+    """The README's Reporting snippet runs as written against a server (only the URL changed)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Reporting\n", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    app = Starlette(routes=routes(keyring=KeyRing(), event_store=store, clock=FakeClock(NOW)))
+    with serve_in_thread(app) as server:
+        namespace: dict[str, Any] = {}
+        exec(snippet.replace("http://127.0.0.1:8080", server.url), namespace)
+    report = namespace["report"]
+    assert report.object == "report" and report.meta.effective_grain == "day"
+    assert report.totals.metrics == {"genai.cost": 0}
