@@ -34,7 +34,7 @@ from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap
 if TYPE_CHECKING:
     from orq_proxy.metering.prometheus import PrometheusMetrics
 
-__all__ = ["CLIENT_CLOSED_STATUS", "EventQueue", "MeteringMiddleware"]
+__all__ = ["CLIENT_CLOSED_STATUS", "TOKEN_PRODUCTS", "EventQueue", "MeteringMiddleware"]
 
 logger = logging.getLogger(__name__)
 

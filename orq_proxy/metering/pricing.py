@@ -12,7 +12,7 @@ from typing import Literal
 
 from cachetools import LRUCache
 
-__all__ = ["Cost", "Pricer", "TokenUsage", "usd_to_nanos"]
+__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "usd_to_nanos"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
 if TYPE_CHECKING:
     from orq_proxy.sinks.base import EventBus
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "PrometheusMetrics", "prometheus_route"]
+__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "OTHER", "PrometheusMetrics", "prometheus_route"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OTHER = "__other__"
 _TOKEN_KINDS = ("input", "output", "cached_input", "reasoning")
 
-LabelKey = tuple[str, ...]
+_LabelKey = tuple[str, ...]
 
 
 def _escape(value: str) -> str:
@@ -83,15 +83,15 @@ class PrometheusMetrics:
         self.max_series = max_series
         self.buckets = tuple(float(b) for b in buckets)
         self.base_labels: tuple[str, ...] = ("provider", "model", *(("identity",) if identity_labels else ()))
-        self.requests: dict[LabelKey, int] = {}  # base labels + status
-        self.tokens: dict[LabelKey, list[int]] = {}  # base labels -> per _TOKEN_KINDS
-        self.cost_nanos: dict[LabelKey, int] = {}
-        self.estimated: dict[LabelKey, int] = {}
+        self.requests: dict[_LabelKey, int] = {}  # base labels + status
+        self.tokens: dict[_LabelKey, list[int]] = {}  # base labels -> per _TOKEN_KINDS
+        self.cost_nanos: dict[_LabelKey, int] = {}
+        self.estimated: dict[_LabelKey, int] = {}
         self.unpriced: dict[tuple[str, str], int] = {}
         self.latency: dict[tuple[str, str], _Histogram] = {}
         self.ttft: dict[tuple[str, str], _Histogram] = {}
 
-    def _key(self, event: UsageEvent) -> LabelKey:
+    def _key(self, event: UsageEvent) -> _LabelKey:
         provider = event.provider or ""
         model = event.model or ""
         if provider and model.startswith(provider + "/"):
@@ -100,7 +100,7 @@ class PrometheusMetrics:
             return (provider, model, event.identity or "")
         return (provider, model)
 
-    def _bounded(self, table: Mapping[LabelKey, object], key: LabelKey) -> LabelKey:
+    def _bounded(self, table: Mapping[_LabelKey, object], key: _LabelKey) -> _LabelKey:
         if key in table or len(table) < self.max_series:
             return key
         return (key[0], OTHER, *(OTHER for _ in key[2:]))

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_JSON_CAP",
     "DEFAULT_LINE_CAP",
     "DEFAULT_REWRITE_LINE_CAP",
+    "JSON_TAIL_BYTES",
     "JSONTap",
     "ReportedUsage",
     "SSETap",

@@ -24,7 +24,16 @@ if TYPE_CHECKING:
     from orq_proxy.config import ProxyConfig
     from orq_proxy.sinks.duckdb import DuckDBEventStore
 
-__all__ = ["EventBus", "SinkStats", "UsageSink", "build_sinks", "sink_name"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_QUEUE",
+    "EventBus",
+    "SinkStats",
+    "UsageSink",
+    "build_sinks",
+    "sink_name",
+]
 
 logger = logging.getLogger(__name__)
 

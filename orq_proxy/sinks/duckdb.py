@@ -18,7 +18,7 @@ import duckdb
 
 from orq_proxy.metering.events import UsageEvent
 
-__all__ = ["EVENTS_TABLE", "EVENT_COLUMNS", "DuckDBEventStore", "parse_events_url"]
+__all__ = ["EVENTS_TABLE", "EVENT_COLUMNS", "DuckDBEventStore", "DuckDBSink", "event_row", "parse_events_url"]
 
 EVENTS_TABLE = "usage_events"
 
