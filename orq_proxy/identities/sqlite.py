@@ -44,7 +44,7 @@ from orq_proxy.identities.store import MonotonicIds
 
 __all__ = ["SqliteIdentityStore"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -161,7 +161,7 @@ class SqliteIdentityStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orq-identities-sqlite")
         self._closed = False
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._closed:
             raise RuntimeError("the identity store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -212,7 +212,7 @@ class SqliteIdentityStore:
                 [(record.workspace_id, tag, record.id) for tag in record.tags],
             )
 
-    def _transaction(self, fn: Callable[[], T]) -> T:
+    def _transaction(self, fn: Callable[[], _T]) -> _T:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn()

@@ -46,7 +46,7 @@ __all__ = ["IdentityStore", "InMemoryIdentityStore", "MonotonicIds", "identity_s
 _BLOCK = 1000  # keys per block of a sorted index; blocks split at twice this
 _BLOCK_TEXT_SEPARATOR = "\x01"
 
-K = TypeVar("K", str, tuple[str, str])
+_K = TypeVar("_K", str, tuple[str, str])
 
 
 class IdentityStore(Protocol):
@@ -138,7 +138,7 @@ def _encode_ulid(value: int) -> str:
     return "".join(chars)
 
 
-class _SortedKeys(Generic[K]):
+class _SortedKeys(Generic[_K]):
     """A sorted set of keys as a list of sorted blocks (a minimal B+-tree leaf level).
 
     Inserting or removing costs O(log n + block) instead of a list's O(n) memmove, and iteration can
@@ -153,18 +153,18 @@ class _SortedKeys(Generic[K]):
 
     __slots__ = ("_blocks", "_len", "_maxes", "_text_of", "_texts")
 
-    def __init__(self, keys: list[K] | None = None, text_of: Callable[[K], str] | None = None) -> None:
+    def __init__(self, keys: list[_K] | None = None, text_of: Callable[[_K], str] | None = None) -> None:
         keys = sorted(keys) if keys else []
-        self._blocks: list[list[K]] = [keys[i : i + _BLOCK] for i in range(0, len(keys), _BLOCK)]
-        self._maxes: list[K] = [block[-1] for block in self._blocks]
+        self._blocks: list[list[_K]] = [keys[i : i + _BLOCK] for i in range(0, len(keys), _BLOCK)]
+        self._maxes: list[_K] = [block[-1] for block in self._blocks]
         self._texts: list[str | None] = [None] * len(self._blocks)
-        self._text_of: Callable[[K], str] | None = text_of
+        self._text_of: Callable[[_K], str] | None = text_of
         self._len = len(keys)
 
     def __len__(self) -> int:
         return self._len
 
-    def add(self, key: K) -> None:
+    def add(self, key: _K) -> None:
         blocks, maxes = self._blocks, self._maxes
         self._len += 1
         if not blocks:
@@ -184,7 +184,7 @@ class _SortedKeys(Generic[K]):
             maxes[i : i + 1] = [block[_BLOCK - 1], block[-1]]
             self._texts[i : i + 1] = [None, None]
 
-    def discard(self, key: K) -> None:
+    def discard(self, key: _K) -> None:
         blocks, maxes = self._blocks, self._maxes
         i = bisect_left(maxes, key)
         if i == len(blocks):
@@ -203,7 +203,7 @@ class _SortedKeys(Generic[K]):
             del maxes[i]
             del self._texts[i]
 
-    def touch(self, key: K) -> None:
+    def touch(self, key: _K) -> None:
         """The search text of `key` changed: drop its block's summary."""
         i = bisect_left(self._maxes, key)
         if i < len(self._blocks):
@@ -217,7 +217,7 @@ class _SortedKeys(Generic[K]):
             text = self._texts[i] = _BLOCK_TEXT_SEPARATOR.join(map(self._text_of, self._blocks[i]))
         return needle in text
 
-    def ascending_after(self, key: K | None, needle: str | None = None) -> Iterator[K]:
+    def ascending_after(self, key: _K | None, needle: str | None = None) -> Iterator[_K]:
         """Keys > `key` (all keys when None), smallest first; with `needle`, blocks whose summary lacks
         it are skipped (the caller still tests each key it gets)."""
         blocks = self._blocks
@@ -231,7 +231,7 @@ class _SortedKeys(Generic[K]):
                 yield from islice(blocks[i], j, None) if j else blocks[i]
             i, j = i + 1, 0
 
-    def descending_before(self, key: K | None, needle: str | None = None) -> Iterator[K]:
+    def descending_before(self, key: _K | None, needle: str | None = None) -> Iterator[_K]:
         """Keys < `key` (all keys when None), largest first; `needle` as in `ascending_after`."""
         blocks = self._blocks
         i = len(blocks) - 1 if key is None else bisect_left(self._maxes, key)
