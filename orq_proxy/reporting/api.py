@@ -25,7 +25,11 @@ from orq_proxy.reporting.engine import ReportEngine, ReportResult, ReportScope
 from orq_proxy.reporting.query import ReportQuery, ReportQueryError, format_timestamp, parse_report_query
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 
-__all__ = ["render_report", "routes"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "render_report",
+    "routes",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,9 @@ from orq_proxy.reporting.query import Filter, ReportQuery
 from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore
 
 __all__ = [
+    "NO_QUALITY_EVENTS_WARNING",
     "ROUND_DIGITS",
+    "TOTALS_UNAVAILABLE",
     "WORKSPACE_WIDE_PROJECTS",
     "ReportEngine",
     "ReportResult",

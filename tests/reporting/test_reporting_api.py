@@ -15,7 +15,6 @@ from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing, Principal, hash_key
 from orq_proxy.metering.events import UsageEvent
-from orq_proxy.reporting import api as api_module
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.query import QUALITY_METRICS
 from orq_proxy.sinks.duckdb import DuckDBEventStore
@@ -80,11 +79,6 @@ def client(server: ServerThread, key: str = "admin") -> Orq:
 def error_body(exc: models.APIDefaultError) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(exc.body)
     return body
-
-
-def test_all_is_sorted_and_complete() -> None:
-    """`__all__` lists the public functions."""
-    assert api_module.__all__ == sorted(api_module.__all__) == ["render_report", "routes"]
 
 
 def test_envelope_and_request_id_header(server: ServerThread) -> None:

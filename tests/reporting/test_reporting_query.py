@@ -26,17 +26,6 @@ def problems(body: dict[str, Any], **kwargs: Any) -> str:
     return str(info.value)
 
 
-def test_all_is_sorted_and_complete() -> None:
-    """`__all__` lists the module's public names, sorted."""
-    public = {
-        n
-        for n, v in vars(query_module).items()
-        if not n.startswith("_") and getattr(v, "__module__", "") == query_module.__name__
-    }
-    assert public <= set(query_module.__all__)
-    assert list(query_module.__all__) == sorted(query_module.__all__, key=lambda n: (not n.isupper(), n))
-
-
 def test_sdk_enums_match() -> None:
     """The metric, group_by and filter-field catalogues are exactly the SDK's literals."""
     from typing import get_args
