@@ -19,13 +19,12 @@ Failure policy: budgets fail closed. A backend that cannot answer raises; the mi
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
-
-from ulid import ULID
 
 from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Alert, Budget, Period, Usage
 from orq_proxy.budgets.periods import window
@@ -46,14 +45,13 @@ RATE_WINDOW_SECONDS = 60.0
 Dimension = Literal["cost", "tokens", "requests"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReservedBudget:
-    """One budget's part of a reservation: the window it was reserved in, and the amounts."""
+    """One budget's part of a reservation: the budget as it was, and the start of the window (Unix seconds)
+    the amounts were reserved in."""
 
     budget: Budget
-    period_start: datetime
-    cost_nanos: int
-    tokens: int
+    period_start: float
 
 
 @dataclass(slots=True)
@@ -106,7 +104,13 @@ class Counters(Protocol):
     """Per-budget period counters and rate windows. Every method is atomic with respect to the others.
 
     Implementations: `InMemoryCounters` (one process), `RedisCounters` (many replicas, one Lua script).
+
+    Attributes:
+        in_process: True when no call ever suspends (in memory); the middleware then settles inline,
+            otherwise in a task shielded from the request's cancellation.
     """
+
+    in_process: bool
 
     async def reserve(
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
@@ -150,6 +154,8 @@ class _State:
     time_zone: str | None
     start: datetime
     end: datetime | None
+    start_ts: float
+    end_ts: float  # inf for ONE_TIME
     spent_nanos: int = 0
     spent_tokens: int = 0
     reserved_nanos: int = 0
@@ -161,8 +167,11 @@ class _State:
 class InMemoryCounters:
     """`Counters` in this process's memory. Calls never await internally, so each one is atomic."""
 
+    in_process = True  # calls never suspend: the middleware may await them without shielding
+
     def __init__(self) -> None:
         self._states: dict[str, _State] = {}
+        self._next_id = 0
 
     def __len__(self) -> int:
         return len(self._states)
@@ -174,21 +183,28 @@ class InMemoryCounters:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _state(self, budget: Budget, now: datetime) -> _State:
+    def _state(self, budget: Budget, now: datetime, now_ts: float) -> _State:
         """The budget's state for the window containing `now`, rolling over to a new window if needed."""
-        period = budget.effective_period
+        period = budget.period or Period.ONE_TIME
         state = self._states.get(budget.budget_id)
-        if state is not None and state.period is period and state.time_zone == budget.time_zone:
-            if state.end is None or (state.start <= now < state.end):
-                return state
-            if now < state.start:
-                return state  # a clock that went back a little: keep counting in the current window
+        # (A clock that went back before `start` keeps counting in the current window.)
+        if (
+            state is not None
+            and now_ts < state.end_ts
+            and state.period is period
+            and state.time_zone == budget.time_zone
+        ):
+            return state
         start, end = window(period, now, budget.time_zone)
+        start_ts, end_ts = start.timestamp(), end.timestamp() if end is not None else math.inf
         if state is None:
-            state = self._states[budget.budget_id] = _State(period, budget.time_zone, start, end)
+            state = self._states[budget.budget_id] = _State(
+                period, budget.time_zone, start, end, start_ts, end_ts
+            )
             return state
         # A new window (or a new period kind): consumption and reservations of the old one are history.
         state.period, state.time_zone, state.start, state.end = period, budget.time_zone, start, end
+        state.start_ts, state.end_ts = start_ts, end_ts
         state.spent_nanos = state.spent_tokens = state.reserved_nanos = state.reserved_tokens = 0
         state.fired.clear()
         return state
@@ -213,19 +229,24 @@ class InMemoryCounters:
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
     ) -> Reservation | Rejection:
         now_ts = now.timestamp()
-        states = [self._state(b, now) for b in budgets]
+        states = [self._state(b, now, now_ts) for b in budgets]
         # Check every budget first; write only if all pass (all-or-nothing, no await in between).
         for budget, state in zip(budgets, states, strict=True):
             rejection = self._check(budget, state, cost_nanos, tokens, now, now_ts)
             if rejection is not None:
                 return rejection
         parts = []
+        window_start = now_ts - RATE_WINDOW_SECONDS
         for budget, state in zip(budgets, states, strict=True):
             state.reserved_nanos += cost_nanos
             state.reserved_tokens += tokens
-            self._prune(state, now_ts).append(now_ts)
-            parts.append(ReservedBudget(budget, state.start, cost_nanos, tokens))
-        return Reservation(str(ULID()), workspace, tuple(parts), cost_nanos, tokens)
+            requests = state.requests
+            while requests and requests[0] <= window_start:
+                requests.popleft()
+            requests.append(now_ts)
+            parts.append(ReservedBudget(budget, state.start_ts))
+        self._next_id += 1
+        return Reservation(f"r{self._next_id}", workspace, tuple(parts), cost_nanos, tokens)
 
     def _check(
         self, budget: Budget, state: _State, cost_nanos: int, tokens: int, now: datetime, now_ts: float
@@ -258,24 +279,26 @@ class InMemoryCounters:
             return []
         reservation.done = True
         crossings: list[AlertCrossing] = []
+        now_ts = now.timestamp()
         for part in reservation.parts:
             budget = part.budget
             if budget.budget_id not in self._states:
                 continue  # deleted meanwhile
-            state = self._state(budget, now)
-            if state.start == part.period_start:
-                self._unreserve(state, part)
+            state = self._state(budget, now, now_ts)
+            if state.start_ts == part.period_start:
+                self._unreserve(state, reservation)
             # else: the window rolled over while the request ran; its reservation went with the old window,
             # and the actual usage counts in the window the request finished in.
             state.spent_nanos += actual_cost_nanos
             state.spent_tokens += actual_tokens
-            crossings.extend(self._crossed(budget, state, now))
+            if budget.alerts:
+                crossings.extend(self._crossed(budget, state, now))
         return crossings
 
     @staticmethod
-    def _unreserve(state: _State, part: ReservedBudget) -> None:
-        state.reserved_nanos = max(0, state.reserved_nanos - part.cost_nanos)
-        state.reserved_tokens = max(0, state.reserved_tokens - part.tokens)
+    def _unreserve(state: _State, reservation: Reservation) -> None:
+        state.reserved_nanos = max(0, state.reserved_nanos - reservation.cost_nanos)
+        state.reserved_tokens = max(0, state.reserved_tokens - reservation.tokens)
 
     @staticmethod
     def _crossed(budget: Budget, state: _State, now: datetime) -> list[AlertCrossing]:
@@ -299,14 +322,15 @@ class InMemoryCounters:
         reservation.done = True
         for part in reservation.parts:
             state = self._states.get(part.budget.budget_id)
-            if state is not None and state.start == part.period_start:
-                self._unreserve(state, part)
+            if state is not None and state.start_ts == part.period_start:
+                self._unreserve(state, reservation)
 
     async def usage(self, budget: Budget, now: datetime) -> Usage:
         if budget.budget_id not in self._states:
             return Usage()
-        state = self._state(budget, now)
-        requests = self._prune(state, now.timestamp())
+        now_ts = now.timestamp()
+        state = self._state(budget, now, now_ts)
+        requests = self._prune(state, now_ts)
         return Usage(state.spent_nanos, state.spent_tokens, len(requests))
 
     async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
@@ -316,7 +340,7 @@ class InMemoryCounters:
         state = self._states.get(budget.budget_id)
         if state is None:
             return
-        state = self._state(budget, now)
+        state = self._state(budget, now, now.timestamp())
         state.spent_nanos = state.spent_tokens = 0
         state.requests.clear()
         state.fired.clear()

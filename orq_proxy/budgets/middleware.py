@@ -158,12 +158,13 @@ class BudgetMiddleware:
         return cost.total_nanos, usage.total_tokens
 
     async def _finish(self, ctx: RequestContext, reservation: Reservation, settled: list[UsageEvent]) -> None:
-        """Settle (or release) in a task shielded from cancellation: it completes even if we are cancelled."""
-        task = asyncio.ensure_future(
-            self._settle(ctx.request_id, reservation, settled[0] if settled else None)
-        )
-        if task.done():  # pragma: no cover - ensure_future never runs the coroutine eagerly on 3.11
+        """Settle (or release) so that it completes even if this request is being cancelled."""
+        settlement = self._settle(ctx.request_id, reservation, settled[0] if settled else None)
+        if self.counters.in_process:
+            # The counters never suspend, so no cancellation can land inside: await directly (saves a task).
+            await settlement
             return
+        task = asyncio.ensure_future(settlement)  # shielded: a cancelled request still settles
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         await asyncio.shield(task)

@@ -142,11 +142,11 @@ def test_alert_fires_once_through_the_proxy(
         },
     )
     assert response.status_code == 200, response.text
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-admin", max_retries=0)
-    for _ in range(4):  # 22M nano-USD each: 50% of 100M is reached by the third
-        client.chat.completions.create(
-            model="test-model", messages=[{"role": "user", "content": "hello there"}], max_tokens=10
-        )
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="sk-admin", max_retries=0) as client:
+        for _ in range(4):  # 22M nano-USD each: 50% of 100M is reached by the third
+            client.chat.completions.create(
+                model="test-model", messages=[{"role": "user", "content": "hello there"}], max_tokens=10
+            )
     deadline = time.monotonic() + 5
     while not hooks.received and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,10 +89,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
-def gate(proxy_factory: Any, fake: FakeUpstream) -> Gate:
+def gate(proxy_factory: Any, fake: FakeUpstream) -> Iterator[Gate]:
     sink = MemorySink()
     app, server = proxy_factory({"api_keys": KEYS, "prices": PRICES}, clock=FakeClock(START), sinks=[sink])
-    return Gate(app, server, sink)
+    gate = Gate(app, server, sink)
+    yield gate
+    gate.client.close()
 
 
 def test_budget_exceeded_is_429_through_openai_sdk(gate: Gate) -> None:
@@ -207,7 +209,7 @@ def test_stream_settles_with_actual_usage(gate: Gate) -> None:
 
 
 def test_no_reservation_leak_on_upstream_timeout(
-    proxy_factory: Any, fake: FakeUpstream, upstream_url: str
+    proxy_factory: Any, fake: FakeUpstream, upstream_url: str, request: pytest.FixtureRequest
 ) -> None:
     """An upstream timeout (504) settles the reservation with what metering charged; nothing stays reserved."""
     sink = MemorySink()
@@ -220,6 +222,7 @@ def test_no_reservation_leak_on_upstream_timeout(
     }
     app, server = proxy_factory(config, clock=FakeClock(START), sinks=[sink])
     gate = Gate(app, server, sink)
+    request.addfinalizer(gate.client.close)
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
     with pytest.raises(openai.APIStatusError) as info:
         gate.chat(extra_headers={"x-fake-latency-ms": "2000"})

@@ -309,3 +309,45 @@ async def test_settlement_hands_crossed_alerts_to_the_dispatcher(make_budget: Ma
         statuses.append(send.messages[0]["status"] if send.messages else 200)
     assert statuses == [200, 200, 429]
     assert [(c.alert.id, c.used_nanos) for c in alerts.crossings] == [("a1", 6_000_000)]
+
+
+class RemoteLikeCounters(InMemoryCounters):
+    """Counters whose release suspends (like a network backend) until `proceed` is set."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proceed = asyncio.Event()
+        self.releasing = asyncio.Event()
+
+    async def release(self, reservation: Reservation, now: datetime) -> None:
+        self.releasing.set()
+        await self.proceed.wait()
+        await super().release(reservation, now)
+
+
+async def test_remote_settlement_survives_repeated_cancellation(make_budget: MakeBudget) -> None:
+    """With a suspending backend, settlement runs shielded: cancelling the request again cannot stop it."""
+    budget = make_budget(amount_nanos=10**9)
+    store = InMemoryBudgetStore()
+    await store.create(budget)
+    counters = RemoteLikeCounters()
+    entered = asyncio.Event()
+
+    async def hangs(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    middleware = gate(hangs, store, counters)
+    task = asyncio.ensure_future(middleware(make_scope(), receive, Recorder()))
+    await entered.wait()
+    task.cancel()
+    await counters.releasing.wait()  # the request is in its finally, awaiting the shielded release
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert counters.reserved(budget.budget_id) == (EST_NANOS, 17)  # still in flight
+    counters.proceed.set()
+    await middleware.drain()
+    assert counters.reserved(budget.budget_id) == (0, 0)
