@@ -135,6 +135,22 @@ class Requests:
         self.raw = b"x" * 400
         self.headers = [(b"user-agent", b"bench/1.0"), (b"content-type", b"application/json")]
 
+    def facts(self, i: int) -> RequestFacts:
+        """What the gate's matching sees of request `i` (as `BudgetMiddleware` builds it)."""
+        identity, project, key, model, metadata = self.params[i % len(self.params)]
+        return RequestFacts(
+            workspace="ws",
+            project=project,
+            api_key=key,
+            identity=identity,
+            provider="openai",
+            model=model,
+            model_id=f"openai/{model}",
+            model_keys=model_keys("openai", model, model),
+            metadata=metadata,
+            raw_headers=self.headers,
+        )
+
     def scope(self, i: int) -> dict[str, Any]:
         identity, project, key, model, metadata = self.params[i % len(self.params)]
         ctx = RequestContext(
@@ -243,20 +259,7 @@ async def main() -> None:
     # Warm up (price table, CEL programs, counter states), and count what a request matches.
     matched = []
     for i in range(2_000):
-        ctx = requests.scope(i)[SCOPE_KEY]
-        facts = RequestFacts(
-            workspace="ws",
-            project=ctx.principal.project,
-            api_key=ctx.principal.key_id,
-            identity=ctx.identity.external_id,
-            provider="openai",
-            model=ctx.model,
-            model_id=f"openai/{ctx.model}",
-            model_keys=model_keys("openai", ctx.model, ctx.model_ref),
-            metadata=ctx.metadata,
-            raw_headers=requests.headers,
-        )
-        matched.append(len(await store.matching(facts, NOW)))
+        matched.append(len(await store.matching(requests.facts(i), NOW)))
     for app in cases.values():
         await timed(app, requests, 2_000, 0)
 
@@ -268,22 +271,7 @@ async def main() -> None:
             offset += args.requests
     t_match = time.perf_counter()
     for i in range(args.requests):
-        ctx = requests.scope(i)[SCOPE_KEY]
-        await store.matching(
-            RequestFacts(
-                workspace="ws",
-                project=ctx.principal.project,
-                api_key=ctx.principal.key_id,
-                identity=ctx.identity.external_id,
-                provider="openai",
-                model=ctx.model,
-                model_id=f"openai/{ctx.model}",
-                model_keys=model_keys("openai", ctx.model, ctx.model_ref),
-                metadata=ctx.metadata,
-                raw_headers=requests.headers,
-            ),
-            NOW,
-        )
+        await store.matching(requests.facts(i), NOW)
     match_us = (time.perf_counter() - t_match) / args.requests * 1e6
 
     med = {name: statistics.median(v) for name, v in results.items()}

@@ -443,25 +443,36 @@ def _alerts(budget: Budget, *, camel: bool) -> list[dict[str, Any]]:
     ]
 
 
-def budget_rest(budget: Budget, usage: Usage | None = None) -> dict[str, Any]:
-    """orq's camelCase `BudgetRestResponse`; `usage` only on get/list."""
-    out: dict[str, Any] = {"budgetId": budget.budget_id}
-    scope = _scope(budget, camel=True)
+def _render(budget: Budget, *, camel: bool) -> dict[str, Any]:
+    """The budget's configuration, in camelCase (REST) or snake_case (embedded in an identity)."""
+
+    def key(snake: str, camel_name: str) -> str:
+        return camel_name if camel else snake
+
+    out: dict[str, Any] = {key("budget_id", "budgetId"): budget.budget_id}
+    scope = _scope(budget, camel=camel)
     if scope is not None:
         out["scope"] = scope
     out["match"] = {"cel": budget.cel}
-    out["limits"] = _limits(budget, camel=True)
+    out["limits"] = _limits(budget, camel=camel)
     if budget.requests_per_minute is not None:
-        out["rateLimit"] = {"requestsPerMinute": budget.requests_per_minute}
-    out["isActive"] = budget.is_active
+        rpm = key("requests_per_minute", "requestsPerMinute")
+        out[key("rate_limit", "rateLimit")] = {rpm: budget.requests_per_minute}
+    out[key("is_active", "isActive")] = budget.is_active
     if budget.expires_at is not None:
-        out["expiresAt"] = format_time(budget.expires_at)
+        out[key("expires_at", "expiresAt")] = format_time(budget.expires_at)
     if budget.alerts:
-        out["alerts"] = _alerts(budget, camel=True)
+        out["alerts"] = _alerts(budget, camel=camel)
+    out[key("created_at", "createdAt")] = format_time(budget.created_at)
+    out[key("updated_at", "updatedAt")] = format_time(budget.updated_at)
+    return out
+
+
+def budget_rest(budget: Budget, usage: Usage | None = None) -> dict[str, Any]:
+    """orq's camelCase `BudgetRestResponse`; `usage` only on get/list; `timeZone` when set (extension)."""
+    out = _render(budget, camel=True)
     if budget.time_zone is not None:
         out["timeZone"] = budget.time_zone
-    out["createdAt"] = format_time(budget.created_at)
-    out["updatedAt"] = format_time(budget.updated_at)
     if usage is not None:
         out["usage"] = {
             "amount": nanos_to_usd(usage.amount_nanos),
@@ -473,19 +484,4 @@ def budget_rest(budget: Budget, usage: Usage | None = None) -> dict[str, Any]:
 
 def identity_budget(budget: Budget) -> dict[str, Any]:
     """The snake_case `IdentityBudget` embedded in an identity (`include_budget`); no live usage."""
-    out: dict[str, Any] = {"budget_id": budget.budget_id}
-    scope = _scope(budget, camel=False)
-    if scope is not None:
-        out["scope"] = scope
-    out["match"] = {"cel": budget.cel}
-    out["limits"] = _limits(budget, camel=False)
-    if budget.requests_per_minute is not None:
-        out["rate_limit"] = {"requests_per_minute": budget.requests_per_minute}
-    out["is_active"] = budget.is_active
-    if budget.expires_at is not None:
-        out["expires_at"] = format_time(budget.expires_at)
-    if budget.alerts:
-        out["alerts"] = _alerts(budget, camel=False)
-    out["created_at"] = format_time(budget.created_at)
-    out["updated_at"] = format_time(budget.updated_at)
-    return out
+    return _render(budget, camel=False)
