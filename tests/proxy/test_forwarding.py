@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -16,12 +17,28 @@ from orq_proxy.testing.servers import serve_in_thread
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there proxy"}]
 
 
-def client_for(server: Any, key: str = "sk-client", prefix: str = "/v1", **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + prefix, api_key=key, max_retries=0, **kwargs)
+ClientFactory = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture
+def client_for() -> Iterator[ClientFactory]:
+    """`client_for(server, key=..., prefix=...)`: an openai client on the proxy, closed after the test."""
+    made: list[openai.OpenAI] = []
+
+    def make(server: Any, key: str = "sk-client", prefix: str = "/v1", **kwargs: Any) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=server.url + prefix, api_key=key, max_retries=0, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/v2/router", "/v3/router"])
-def test_json_chat_forwarded_on_every_surface(proxy_factory: Any, fake: FakeUpstream, prefix: str) -> None:
+def test_json_chat_forwarded_on_every_surface(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream, prefix: str
+) -> None:
     """A chat completion on each surface reaches `{base_url}/chat/completions` and comes back intact."""
     _, server = proxy_factory()
     out = client_for(server, prefix=prefix).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -30,7 +47,9 @@ def test_json_chat_forwarded_on_every_surface(proxy_factory: Any, fake: FakeUpst
     assert [r.path for r in fake.requests] == ["/v1/chat/completions"]
 
 
-def test_prefix_routing_strips_provider_and_orq_fields(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_prefix_routing_strips_provider_and_orq_fields(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """`openai/gpt-4o` goes to upstream `openai` as `gpt-4o`; `orq` and `identity` never reach it."""
     _, server = proxy_factory()
     out = client_for(server).chat.completions.create(
@@ -46,7 +65,9 @@ def test_prefix_routing_strips_provider_and_orq_fields(proxy_factory: Any, fake:
     assert "x-orq-identity-id" not in sent.headers
 
 
-def test_client_key_replaced_by_upstream_credential(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_client_key_replaced_by_upstream_credential(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """The proxy key never reaches the upstream; the configured credential does."""
     _, server = proxy_factory({"api_keys": [{"key": "sk-proxy-1"}]})
     client_for(server, key="sk-proxy-1").chat.completions.create(model="gpt-4o", messages=MESSAGES)
@@ -56,7 +77,9 @@ def test_client_key_replaced_by_upstream_credential(proxy_factory: Any, fake: Fa
     assert headers.get("accept-encoding") == "identity"
 
 
-def test_unknown_provider_is_400_naming_configured(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_unknown_provider_is_400_naming_configured(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """An unknown provider prefix gets a 400 in OpenAI's shape that lists the configured providers."""
     _, server = proxy_factory()
     with pytest.raises(openai.BadRequestError) as info:
@@ -68,7 +91,9 @@ def test_unknown_provider_is_400_naming_configured(proxy_factory: Any, fake: Fak
     assert fake.requests == []
 
 
-def test_bare_model_without_default_upstream_is_400(upstream_url: str, proxy_factory: Any) -> None:
+def test_bare_model_without_default_upstream_is_400(
+    client_for: ClientFactory, upstream_url: str, proxy_factory: Any
+) -> None:
     """With two upstreams and no default, a bare model name is a 400 that says how to fix it."""
     ups = {
         "a": {"base_url": upstream_url, "api_key": "sk-upstream-secret"},
@@ -81,7 +106,7 @@ def test_bare_model_without_default_upstream_is_400(upstream_url: str, proxy_fac
     assert out.model == "gpt-4o"
 
 
-def test_stream_is_not_buffered(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_stream_is_not_buffered(client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream) -> None:
     """The client reads the first SSE event while the upstream is still producing the rest."""
     _, server = proxy_factory()
     delay_ms = 250
@@ -118,7 +143,7 @@ async def test_async_client_stream_and_json(proxy_factory: Any, fake: FakeUpstre
     await client.close()
 
 
-def test_responses_and_embeddings(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_responses_and_embeddings(client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream) -> None:
     """The Responses API (JSON and stream) and embeddings pass through."""
     _, server = proxy_factory()
     client = client_for(server, prefix="/v3/router")
@@ -150,7 +175,7 @@ def test_upstream_errors_pass_through(
     assert raw.json()["error"]["message"] == direct.json()["error"]["message"]
 
 
-def test_unreachable_upstream_is_502(proxy_factory: Any) -> None:
+def test_unreachable_upstream_is_502(client_for: ClientFactory, proxy_factory: Any) -> None:
     """A refused connection is a 502 in OpenAI's shape."""
     dead = {"openai": {"base_url": "http://127.0.0.1:9/v1", "default": True}}
     _, server = proxy_factory({"upstreams": dead})
@@ -160,7 +185,9 @@ def test_unreachable_upstream_is_502(proxy_factory: Any) -> None:
     assert isinstance(info.value.body, dict) and "unreachable" in info.value.body["message"]
 
 
-def test_slow_upstream_headers_is_504(upstream_url: str, proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_slow_upstream_headers_is_504(
+    client_for: ClientFactory, upstream_url: str, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """No response headers within `headers_timeout` is a 504."""
     ups = {"openai": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "headers_timeout": 0.3}}
     _, server = proxy_factory({"upstreams": ups})
@@ -194,7 +221,9 @@ def test_client_disconnect_cancels_upstream(proxy_factory: Any, fake: FakeUpstre
     assert fake.requests[0].disconnected
 
 
-def test_upstream_death_mid_stream_reaches_client(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_upstream_death_mid_stream_reaches_client(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """An upstream that dies mid-stream gives the client a broken stream, not a clean end."""
     _, server = proxy_factory()
     with pytest.raises((openai.APIConnectionError, httpx.RemoteProtocolError, httpx.ReadError)):
@@ -205,7 +234,7 @@ def test_upstream_death_mid_stream_reaches_client(proxy_factory: Any, fake: Fake
         )
 
 
-def test_body_over_limit_is_413(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_body_over_limit_is_413(client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream) -> None:
     """A body over `max_body_bytes` is refused with 413 before anything is forwarded."""
     _, server = proxy_factory({"server": {"max_body_bytes": 1000}})
     with pytest.raises(openai.APIStatusError) as info:
@@ -254,7 +283,9 @@ def test_invalid_json_is_400(proxy_factory: Any, fake: FakeUpstream) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "orq"
 
 
-def test_get_models_goes_to_default(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_get_models_goes_to_default(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
+) -> None:
     """Requests without a model (GET /models) go to the default upstream."""
     _, server = proxy_factory()
     models = client_for(server).models.list()
