@@ -126,7 +126,10 @@ class UpstreamApp:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30.0)
+            # Idle connections are dropped after 4 s, before the 5 s keep-alive timeout common on servers
+            # (uvicorn's default): reusing a connection the upstream is closing fails the request with
+            # "server disconnected", and a POST cannot safely be retried.
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=4.0)
             # No cookie jar: a proxy must not keep one client's upstream cookies for the next client.
             self._session = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
