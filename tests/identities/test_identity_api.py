@@ -244,7 +244,7 @@ def test_include_metrics(orq: Orq, proxy: tuple[OrqProxy, ServerThread], clock: 
                 project="p",
                 api_key_id="k",
                 identity="m1",
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 total_tokens=542,
                 total_cost_nanos=3_897_000,
             )
