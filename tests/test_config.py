@@ -10,7 +10,7 @@ from orq_proxy.app import keyring_from_config
 from orq_proxy.auth import hash_key
 from orq_proxy.config import ConfigError, ProxyConfig, load_config
 
-TOML = """
+TOML = f"""
 [server]
 host = "127.0.0.1"
 port = 9999
@@ -29,7 +29,7 @@ owner = "user_123"
 admin = true
 
 [[api_keys]]
-key_sha256 = "%s"
+key_sha256 = "{hash_key("sk-hashed")}"
 workspace = "ws2"
 project = "p2"
 id = "hashed"
@@ -37,7 +37,7 @@ id = "hashed"
 [storage]
 state = "memory"
 events = "duckdb://:memory:"
-""" % hash_key("sk-hashed")
+"""
 
 
 def test_toml_file_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
