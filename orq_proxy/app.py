@@ -36,6 +36,7 @@ from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.metering.middleware import MeteringMiddleware
 from orq_proxy.metering.pricing import Pricer
 from orq_proxy.metering.prometheus import PrometheusMetrics, prometheus_route
+from orq_proxy.openapi import openapi_document
 from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
@@ -257,7 +258,20 @@ def build_app(
     routes += reporting_routes(
         keyring=keyring, event_store=event_store, clock=clock, retention_days=config.reporting.retention_days
     )
-    routes = [Route("/healthz", healthz), Route("/readyz", readyz), *routes]
+    openapi: dict[str, Any] | None = None
+
+    async def openapi_json(request: Request) -> Response:
+        nonlocal openapi
+        if openapi is None:  # built on first use: it walks every request model's schema
+            openapi = openapi_document()
+        return JSONResponse(openapi)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/openapi.json", openapi_json),
+        *routes,
+    ]
     shutdown.insert(0, _close_event_store(event_store))
     proxy = OrqProxy(
         config=config,
