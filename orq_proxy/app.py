@@ -25,6 +25,7 @@ from orq_proxy.budgets.api import BudgetIdentityHooks
 from orq_proxy.budgets.api import routes as budget_routes
 from orq_proxy.budgets.counters import Counters, InMemoryCounters
 from orq_proxy.budgets.middleware import BudgetMiddleware
+from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
 from orq_proxy.budgets.store import BudgetStore, InMemoryBudgetStore
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
@@ -179,7 +180,11 @@ def build_app(
     # budgets: records + scope/CEL index, counters (reservations, periods, RPM windows), alert webhooks.
     # The gate prices its estimates with metering's `pricer` (below), so estimate and actual agree.
     budget_store: BudgetStore = overrides.get("budget_store") or InMemoryBudgetStore()
-    budget_counters: Counters = overrides.get("budget_counters") or InMemoryCounters()
+    budget_counters: Counters | None = overrides.get("budget_counters")
+    if budget_counters is None:
+        budget_counters = _budget_counters(config.storage.counters)
+        if isinstance(budget_counters, RedisCounters):
+            shutdown.append(budget_counters.aclose)  # after the gate's drain (shutdown runs in reverse)
     budget_alerts: AlertDispatcher = overrides.get("budget_alerts") or AlertDispatcher(config.notifiers)
     components.update(budget_store=budget_store, budget_counters=budget_counters, budget_alerts=budget_alerts)
     startup.append(budget_alerts.start)
@@ -225,6 +230,7 @@ def build_app(
         alerts=budget_alerts,
     )
     components["budget_gate"] = budget_gate
+    shutdown.append(budget_gate.drain)  # settlements still talking to a remote counters backend
     # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
     # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
     app = IdentityMiddleware(app, store=identity_store)
@@ -286,6 +292,13 @@ def build_app(
         components=components,
     )
     return proxy
+
+
+def _budget_counters(url: str) -> Counters:
+    """`[storage] counters`: in memory, or Redis shared by replicas (the optional `redis` extra)."""
+    if url == "memory":
+        return InMemoryCounters()
+    return redis_counters_from_url(url)
 
 
 def _close_event_store(store: DuckDBEventStore) -> Hook:

@@ -92,6 +92,16 @@ class ApiKeyConfig(_Section):
 class StorageConfig(_Section):
     state: str = "memory"
     events: str = "duckdb://:memory:"
+    counters: str = Field(
+        "memory", description='Budget counters: "memory", or "redis://host:6379/0" shared by replicas.'
+    )
+
+    @field_validator("counters")
+    @classmethod
+    def _check_counters(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"counters must be 'memory' or a redis:// URL, got {value!r}")
+        return value
 
 
 class PriceOverride(_Section):

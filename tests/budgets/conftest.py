@@ -1,15 +1,18 @@
-"""Budget test fixtures: `make_budget(...)` builds internal `Budget` records."""
+"""Budget test fixtures: `make_budget(...)` builds internal `Budget` records; `counters` is each `Counters`
+backend in turn (in memory, and Redis at 127.0.0.1:6379 under a random key prefix, cleaned up)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from ulid import ULID
 
+from orq_proxy.budgets.counters import Counters, InMemoryCounters
 from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind, derived_cel
+from orq_proxy.budgets.redis_counters import redis_counters_from_url
 
 MakeBudget = Callable[..., Budget]
 
@@ -58,3 +61,24 @@ def new_budget(
 def make_budget() -> MakeBudget:
     """`make_budget(kind=..., target=..., amount_nanos=..., ...)` -> a `Budget` (defaults: workspace, monthly)."""
     return new_budget
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Counters]:
+    """Each counters backend; the Redis one under a fresh key prefix, deleted afterwards."""
+    if request.param == "memory":
+        yield InMemoryCounters()
+        return
+    prefix = f"test-orq:{ULID()}:"
+    backend = redis_counters_from_url(REDIS_URL, prefix=prefix)
+    client = backend.client
+    try:
+        yield backend
+    finally:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

@@ -1,4 +1,4 @@
-"""InMemoryCounters: reserve/settle/release, all-or-nothing, period rollovers, the RPM window, alerts."""
+"""Counters (in memory and Redis, same tests): reserve/settle/release, all-or-nothing, period rollovers, the RPM window, alerts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from orq_proxy.budgets.counters import InMemoryCounters, Rejection, Reservation
+from orq_proxy.budgets.counters import Counters, Rejection, Reservation
 from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind, Usage
 from orq_proxy.testing.clock import FakeClock
 
@@ -22,17 +22,16 @@ def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
 
 
-async def reserve(
-    counters: InMemoryCounters, budgets: list, cost: int, tokens: int, now: datetime
-) -> Reservation:
+async def reserve(counters: Counters, budgets: list, cost: int, tokens: int, now: datetime) -> Reservation:
     result = await counters.reserve("default", budgets, cost, tokens, now)
     assert isinstance(result, Reservation), result
     return result
 
 
-async def test_reserve_settle_replaces_estimate_by_actual(make_budget: MakeBudget) -> None:
+async def test_reserve_settle_replaces_estimate_by_actual(
+    make_budget: MakeBudget, counters: Counters
+) -> None:
     """A settled reservation leaves the actual usage as spent, and nothing reserved."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD, token_limit=1000)
     res = await reserve(counters, [budget], 3 * USD, 400, T0)
     assert await counters.usage(budget, T0) == Usage(0, 0, 1)  # reserved is not usage
@@ -42,9 +41,8 @@ async def test_reserve_settle_replaces_estimate_by_actual(make_budget: MakeBudge
     await reserve(counters, [budget], 9 * USD, 100, T0)
 
 
-async def test_settle_and_release_happen_once(make_budget: MakeBudget) -> None:
+async def test_settle_and_release_happen_once(make_budget: MakeBudget, counters: Counters) -> None:
     """A second settle, a release after settle, or a settle after release change nothing."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD)
     res = await reserve(counters, [budget], 2 * USD, 10, T0)
     await counters.settle(res, 1 * USD, 10, T0)
@@ -58,9 +56,8 @@ async def test_settle_and_release_happen_once(make_budget: MakeBudget) -> None:
     await reserve(counters, [budget], 9 * USD, 10, T0)  # the released 9 USD are free again
 
 
-async def test_rejection_when_estimate_does_not_fit(make_budget: MakeBudget) -> None:
+async def test_rejection_when_estimate_does_not_fit(make_budget: MakeBudget, counters: Counters) -> None:
     """`spent + reserved + estimate > limit` is refused, naming dimension, limit, used and requested."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD)
     await reserve(counters, [budget], 6 * USD, 0, T0)
     result = await counters.reserve("default", [budget], 5 * USD, 0, T0)
@@ -75,9 +72,8 @@ async def test_rejection_when_estimate_does_not_fit(make_budget: MakeBudget) -> 
     assert result.retry_after(T0) == (utc(2026, 2, 1) - T0).total_seconds()
 
 
-async def test_token_limit(make_budget: MakeBudget) -> None:
+async def test_token_limit(make_budget: MakeBudget, counters: Counters) -> None:
     """The token dimension is enforced like cost."""
-    counters = InMemoryCounters()
     budget = make_budget(token_limit=100)
     res = await reserve(counters, [budget], 0, 60, T0)
     result = await counters.reserve("default", [budget], 0, 41, T0)
@@ -86,9 +82,8 @@ async def test_token_limit(make_budget: MakeBudget) -> None:
     await reserve(counters, [budget], 0, 80, T0)
 
 
-async def test_reached_limit_blocks_free_requests(make_budget: MakeBudget) -> None:
+async def test_reached_limit_blocks_free_requests(make_budget: MakeBudget, counters: Counters) -> None:
     """Once the limit is reached, even a request estimated at zero (unpriced model) is refused."""
-    counters = InMemoryCounters()
     zero = make_budget(amount_nanos=0)
     result = await counters.reserve("default", [zero], 0, 0, T0)
     assert isinstance(result, Rejection) and result.dimension == "cost"
@@ -97,9 +92,8 @@ async def test_reached_limit_blocks_free_requests(make_budget: MakeBudget) -> No
     assert isinstance(await counters.reserve("default", [budget], 0, 0, T0), Rejection)
 
 
-async def test_all_or_nothing(make_budget: MakeBudget) -> None:
+async def test_all_or_nothing(make_budget: MakeBudget, counters: Counters) -> None:
     """If one budget refuses, no budget keeps a reservation and no request is counted."""
-    counters = InMemoryCounters()
     roomy = make_budget(amount_nanos=100 * USD, rpm=100)
     tight = make_budget(kind=ScopeKind.IDENTITY, target="u1", amount_nanos=1 * USD)
     result = await counters.reserve("default", [roomy, tight], 2 * USD, 10, T0)
@@ -108,9 +102,10 @@ async def test_all_or_nothing(make_budget: MakeBudget) -> None:
     await reserve(counters, [roomy], 100 * USD, 10, T0)  # all of roomy is still free
 
 
-async def test_concurrent_reservations_never_exceed_the_limit(make_budget: MakeBudget) -> None:
+async def test_concurrent_reservations_never_exceed_the_limit(
+    make_budget: MakeBudget, counters: Counters
+) -> None:
     """200 concurrent reservations of 1 USD against 10 USD: exactly 10 admitted."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD)
     results = await asyncio.gather(*(counters.reserve("default", [budget], USD, 1, T0) for _ in range(200)))
     assert sum(isinstance(r, Reservation) for r in results) == 10
@@ -128,11 +123,15 @@ async def test_concurrent_reservations_never_exceed_the_limit(make_budget: MakeB
     ],
 )
 async def test_period_rollover(
-    make_budget: MakeBudget, period: Period, spend_at: datetime, same_window: datetime, next_window: datetime
+    make_budget: MakeBudget,
+    counters: Counters,
+    period: Period,
+    spend_at: datetime,
+    same_window: datetime,
+    next_window: datetime,
 ) -> None:
     """Spend counts until the window's last instant and starts at zero in the next window."""
     clock = FakeClock(spend_at)
-    counters = InMemoryCounters()
     budget = make_budget(period=period, amount_nanos=10 * USD)
     await counters.settle(
         await reserve(counters, [budget], 10 * USD, 5, clock.now()), 10 * USD, 5, clock.now()
@@ -146,9 +145,8 @@ async def test_period_rollover(
     await reserve(counters, [budget], 10 * USD, 5, clock.now())
 
 
-async def test_one_time_never_resets(make_budget: MakeBudget) -> None:
+async def test_one_time_never_resets(make_budget: MakeBudget, counters: Counters) -> None:
     """ONE_TIME (and a limit without a period) keeps its spend forever; rejections carry no reset time."""
-    counters = InMemoryCounters()
     for period in (Period.ONE_TIME, None):
         budget = make_budget(period=period, amount_nanos=USD)
         await counters.settle(await reserve(counters, [budget], USD, 1, T0), USD, 1, T0)
@@ -162,19 +160,19 @@ async def test_one_time_never_resets(make_budget: MakeBudget) -> None:
         )
 
 
-async def test_rejection_resets_when_budget_expires_first(make_budget: MakeBudget) -> None:
+async def test_rejection_resets_when_budget_expires_first(
+    make_budget: MakeBudget, counters: Counters
+) -> None:
     """A budget expiring before its period ends frees up at its expiry."""
-    counters = InMemoryCounters()
     expires = T0 + timedelta(hours=2)
     budget = make_budget(period=Period.ONE_TIME, amount_nanos=0, expires_at=expires)
     refused = await counters.reserve("default", [budget], 1, 0, T0)
     assert isinstance(refused, Rejection) and refused.resets_at == expires
 
 
-async def test_rpm_rolling_window(make_budget: MakeBudget) -> None:
+async def test_rpm_rolling_window(make_budget: MakeBudget, counters: Counters) -> None:
     """At most N requests in any 60 s; a slot frees when the oldest request is 60 s old."""
     clock = FakeClock(T0)
-    counters = InMemoryCounters()
     budget = make_budget(rpm=3)
     for _ in range(3):
         res = await reserve(counters, [budget], 0, 0, clock.now())
@@ -194,9 +192,10 @@ async def test_rpm_rolling_window(make_budget: MakeBudget) -> None:
     assert (await counters.usage(budget, clock.now())).requests == 0
 
 
-async def test_reset_zeroes_period_but_keeps_reservations_in_flight(make_budget: MakeBudget) -> None:
+async def test_reset_zeroes_period_but_keeps_reservations_in_flight(
+    make_budget: MakeBudget, counters: Counters
+) -> None:
     """reset-consumption zeroes spend, tokens and requests; a request in flight still settles right."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD, rpm=2)
     await counters.settle(await reserve(counters, [budget], 4 * USD, 10, T0), 4 * USD, 10, T0)
     in_flight = await reserve(counters, [budget], 5 * USD, 10, T0)
@@ -208,10 +207,11 @@ async def test_reset_zeroes_period_but_keeps_reservations_in_flight(make_budget:
     assert await counters.usage(budget, T0) == Usage(2 * USD, 7, 0)
 
 
-async def test_settle_across_rollover_charges_the_new_window(make_budget: MakeBudget) -> None:
+async def test_settle_across_rollover_charges_the_new_window(
+    make_budget: MakeBudget, counters: Counters
+) -> None:
     """A request reserved before midnight and settled after counts in the new day, once."""
     clock = FakeClock(utc(2026, 3, 1, 23, 59, 50))
-    counters = InMemoryCounters()
     budget = make_budget(period=Period.DAILY, amount_nanos=10 * USD)
     res = await reserve(counters, [budget], 9 * USD, 10, clock.now())
     clock.advance(20)
@@ -221,23 +221,20 @@ async def test_settle_across_rollover_charges_the_new_window(make_budget: MakeBu
     await reserve(counters, [budget], 7 * USD, 0, clock.now())  # no stale reservation is left
 
 
-async def test_forget_drops_counters(make_budget: MakeBudget) -> None:
+async def test_forget_drops_counters(make_budget: MakeBudget, counters: Counters) -> None:
     """After forget, usage is zero and a late settlement is ignored."""
-    counters = InMemoryCounters()
     budget = make_budget(amount_nanos=10 * USD)
     res = await reserve(counters, [budget], USD, 1, T0)
     await counters.forget(budget.budget_id)
     await counters.settle(res, USD, 1, T0)
     assert await counters.usage(budget, T0) == Usage()
-    assert len(counters) == 0
     await counters.reset(budget, T0)  # unknown budget: no-op
-    assert len(counters) == 0
+    assert await counters.usage(budget, T0) == Usage()
 
 
-async def test_alerts_fire_once_per_period(make_budget: MakeBudget) -> None:
+async def test_alerts_fire_once_per_period(make_budget: MakeBudget, counters: Counters) -> None:
     """Each threshold fires when first reached, once per period, and again after rollover or reset."""
     clock = FakeClock(utc(2026, 1, 30))
-    counters = InMemoryCounters()
     alerts = (Alert("a50", 50, ("n1",)), Alert("a90", 90, ("n1",)))
     budget = make_budget(period=Period.MONTHLY, amount_nanos=100 * USD, alerts=alerts)
 
@@ -260,9 +257,8 @@ async def test_alerts_fire_once_per_period(make_budget: MakeBudget) -> None:
     assert crossings[0].period_start == utc(2026, 2, 1) and crossings[0].period_end == utc(2026, 3, 1)
 
 
-async def test_period_change_starts_a_new_window(make_budget: MakeBudget) -> None:
+async def test_period_change_starts_a_new_window(make_budget: MakeBudget, counters: Counters) -> None:
     """Changing a budget's period (PATCH) starts counting afresh in the new kind of window."""
-    counters = InMemoryCounters()
     monthly = make_budget(period=Period.MONTHLY, amount_nanos=10 * USD)
     await counters.settle(await reserve(counters, [monthly], USD, 1, T0), USD, 1, T0)
     from dataclasses import replace

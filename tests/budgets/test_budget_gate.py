@@ -17,9 +17,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
+from pydantic import ValidationError
+from ulid import ULID
 
 from orq_proxy.app import OrqProxy
 from orq_proxy.budgets.counters import InMemoryCounters
+from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
+from orq_proxy.config import ProxyConfig
 from orq_proxy.metering.estimate import estimate_input_tokens
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.clock import FakeClock
@@ -73,11 +78,12 @@ class Gate:
         kwargs.setdefault("max_tokens", 10)
         return self.client.chat.completions.create(model="test-model", **kwargs)
 
+    def reserved(self, budget_id: str) -> tuple[int, int]:
+        return self.counters.reserved(budget_id)
+
     def settled(self, budget_id: str, events: int, timeout: float = 5.0) -> None:
         """Wait until no reservation is in flight and the sink holds `events` events."""
-        wait_for(
-            lambda: self.counters.reserved(budget_id) == (0, 0) and len(self.sink.events) >= events, timeout
-        )
+        wait_for(lambda: self.reserved(budget_id) == (0, 0) and len(self.sink.events) >= events, timeout)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -311,3 +317,63 @@ async def burst(
             *(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(n))
         )
     return [r.status_code for r in responses]
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_gate(proxy_factory: Any, fake: FakeUpstream) -> Iterator[Gate]:
+    """A gate whose counters live in Redis (random key prefix, deleted afterwards)."""
+    prefix = f"test-orq:{ULID()}:"
+    counters = redis_counters_from_url(REDIS_URL, prefix=prefix)
+    sink = MemorySink()
+    app, server = proxy_factory(
+        {"api_keys": KEYS, "prices": PRICES}, clock=FakeClock(START), sinks=[sink], budget_counters=counters
+    )
+    gate = Gate(app, server, sink)
+    sync = redis.Redis.from_url(REDIS_URL)
+
+    def reserved(budget_id: str) -> tuple[int, int]:
+        values = sync.hmget(f"{prefix}{{ws}}:{budget_id}:h", ["rn", "rt"])
+        return int(values[0] or 0), int(values[1] or 0)
+
+    gate.reserved = reserved  # type: ignore[method-assign]
+    yield gate
+    gate.client.close()
+    assert server.loop is not None
+    asyncio.run_coroutine_threadsafe(counters.aclose(), server.loop).result(10)
+    keys = list(sync.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        sync.delete(*keys)
+    sync.close()
+
+
+def test_redis_counters_through_the_proxy(redis_gate: Gate) -> None:
+    """With Redis counters: 429s, usage equal to metering, and the concurrency bound all hold."""
+    gate = redis_gate
+    limit = 10 * EST_NANOS
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
+    statuses = asyncio.run(burst(gate, 100, MESSAGES, 10, latency_ms=50))
+    gate.settled(budget_id, statuses.count(200))
+    charged = sum(e.total_cost_nanos for e in gate.sink.events)
+    assert statuses.count(200) >= 10 and statuses.count(429) > 50 and charged <= limit
+    assert gate.usage(budget_id) == {
+        "amount": charged / 1e9,
+        "tokens": sum(e.total_tokens for e in gate.sink.events),
+        "requests": statuses.count(200),
+    }
+    with pytest.raises(openai.RateLimitError) as info:
+        while True:
+            gate.chat()
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "budget_exceeded"
+
+
+def test_storage_counters_setting(proxy_factory: Any, fake: FakeUpstream) -> None:
+    """`[storage] counters` picks the backend; anything else is a config error naming the key."""
+    app, _ = proxy_factory({"storage": {"counters": REDIS_URL}})
+    assert isinstance(app.components["budget_counters"], RedisCounters)
+    app, _ = proxy_factory({})
+    assert isinstance(app.components["budget_counters"], InMemoryCounters)
+    with pytest.raises(ValidationError, match="counters must be 'memory' or a redis:// URL"):
+        ProxyConfig.model_validate({"storage": {"counters": "postgres://x"}})

@@ -1,0 +1,408 @@
+"""`RedisCounters`: budget counters shared by many proxy replicas, one atomic Lua script per call.
+
+Selected with `[storage] counters = "redis://host:6379/0"` (needs the optional `redis` extra). Semantics
+are those of `InMemoryCounters` (see `counters.py`): a reservation checks and writes every matching budget
+in one script, so it is all-or-nothing and atomic across replicas.
+
+Keys, per budget (the workspace is a hash tag, so a workspace's keys share a cluster slot):
+- `{prefix}{ws}:{budget}:h`: hash `sig` (period + zone), `start` (window start, Unix s), `sn`/`st` spent
+  nano-USD/tokens, `rn`/`rt` reserved nano-USD/tokens. Expires a day after its window ends.
+- `...:rq`: sorted set of admitted requests (score = time) for the rolling 60 s window.
+- `...:rs`: sorted set of reservations in flight (member `id|cost|tokens|window start`, score = expiry).
+  A replica that dies before settling leaves entries that the next script on that budget sweeps out after
+  `reservation_ttl` seconds, giving their amounts back: reservations cannot leak for good.
+- `...:f`: set of alert ids fired in the current window.
+- `{prefix}{ws}:res:{id}`: exists while a reservation is open; settle/release delete it first, which makes
+  them happen once across replicas.
+
+Lua numbers are doubles: amounts and counts compare exactly up to 2^53 (about 9 million USD in nano-USD);
+sums are kept with HINCRBY (64-bit integers).
+
+Failure policy: budgets fail closed. A Redis error propagates; the middleware answers 503 (or forwards when
+`fail_open`). A settlement that fails is logged; its reservation expires after `reservation_ttl`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from ulid import ULID
+
+from orq_proxy.budgets.counters import (
+    RATE_WINDOW_SECONDS,
+    AlertCrossing,
+    Dimension,
+    Rejection,
+    Reservation,
+    ReservedBudget,
+)
+from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
+from orq_proxy.budgets.periods import window
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisCounters", "redis_counters_from_url"]
+
+_COMMON = """
+local function roll(h, f, sig, start, expire_in)
+  local cur = redis.call('HMGET', h, 'sig', 'start')
+  if cur[1] ~= sig or not cur[2] or tonumber(cur[2]) < tonumber(start) then
+    redis.call('DEL', h, f)
+    redis.call('HSET', h, 'sig', sig, 'start', start, 'sn', 0, 'st', 0, 'rn', 0, 'rt', 0)
+  end
+  if expire_in ~= '' then redis.call('EXPIRE', h, expire_in) end
+end
+local function give_back(h, member)
+  local _, _, c, t, s = string.find(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+  if s == redis.call('HGET', h, 'start') then
+    if c ~= '0' then redis.call('HINCRBY', h, 'rn', '-' .. c) end  -- (Redis refuses the integer '-0')
+    if t ~= '0' then redis.call('HINCRBY', h, 'rt', '-' .. t) end
+  end
+end
+local function sweep(h, rs, now)
+  local expired = redis.call('ZRANGEBYSCORE', rs, '-inf', now)
+  for _, m in ipairs(expired) do give_back(h, m) end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', rs, '-inf', now) end
+end
+"""
+
+# KEYS: per budget h, rq, rs, f; then the reservation key.
+# ARGV: now, cost, tokens, id, ttl, n, then per budget: sig, start, expire_in, amount, token_limit, rpm (-1 = none).
+_RESERVE = (
+    _COMMON
+    + """
+local now, cost, tokens, rid, ttl, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local nnow = tonumber(now)
+for i = 1, n do
+  local h, rq, rs, f = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
+  local b = 6 + (i-1) * 6
+  roll(h, f, ARGV[b+1], ARGV[b+2], ARGV[b+3])
+  sweep(h, rs, nnow)
+  redis.call('ZREMRANGEBYSCORE', rq, '-inf', nnow - 60)
+  local rpm = tonumber(ARGV[b+6])
+  if rpm >= 0 then
+    local count = redis.call('ZCARD', rq)
+    if count >= rpm then
+      local oldest = redis.call('ZRANGE', rq, count - rpm, count - rpm, 'WITHSCORES')
+      return {0, i, 'requests', ARGV[b+6], tostring(count), '1', oldest[2] or now}
+    end
+  end
+  local v = redis.call('HMGET', h, 'sn', 'rn', 'st', 'rt')
+  local amount = tonumber(ARGV[b+4])
+  if amount >= 0 then
+    local used = tonumber(v[1]) + tonumber(v[2])
+    if used >= amount or used + tonumber(cost) > amount then
+      return {0, i, 'cost', ARGV[b+4], string.format('%.0f', used), cost, ''}
+    end
+  end
+  local tlimit = tonumber(ARGV[b+5])
+  if tlimit >= 0 then
+    local used = tonumber(v[3]) + tonumber(v[4])
+    if used >= tlimit or used + tonumber(tokens) > tlimit then
+      return {0, i, 'tokens', ARGV[b+5], string.format('%.0f', used), tokens, ''}
+    end
+  end
+end
+for i = 1, n do
+  local h, rq, rs = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1]
+  local b = 6 + (i-1) * 6
+  redis.call('HINCRBY', h, 'rn', cost)
+  redis.call('HINCRBY', h, 'rt', tokens)
+  redis.call('ZADD', rq, now, rid)
+  redis.call('EXPIRE', rq, 120)
+  redis.call('ZADD', rs, nnow + ttl, rid .. '|' .. cost .. '|' .. tokens .. '|' .. ARGV[b+2])
+  redis.call('EXPIRE', rs, ttl + 60)
+end
+redis.call('SET', KEYS[4*n+1], '1', 'EX', ttl)
+return {1}
+"""
+)
+
+# KEYS: the reservation key, then per budget h, rs, f.
+# ARGV: now, actual cost, actual tokens, id, cost, tokens, n, then per budget: sig, start now, expire_in,
+# reserved start, amount (-1 = none), alert count k, then k pairs (alert id, threshold percent).
+_SETTLE = (
+    _COMMON
+    + """
+if redis.call('DEL', KEYS[1]) == 0 then return {} end
+local nnow, acost, atokens, rid, cost, tokens, n =
+  tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local out = {}
+local a = 8
+for i = 1, n do
+  local h, rs, f = KEYS[3*i-1], KEYS[3*i], KEYS[3*i+1]
+  local sig, start, expire_in, rstart, amount, k =
+    ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], tonumber(ARGV[a+4]), tonumber(ARGV[a+5])
+  if redis.call('EXISTS', h) == 1 then
+    roll(h, f, sig, start, expire_in)
+    local member = rid .. '|' .. cost .. '|' .. tokens .. '|' .. rstart
+    if redis.call('ZREM', rs, member) == 1 then give_back(h, member) end
+    local spent = redis.call('HINCRBY', h, 'sn', acost)
+    redis.call('HINCRBY', h, 'st', atokens)
+    if amount > 0 then
+      for j = 1, k do
+        local id, threshold = ARGV[a+4+2*j], tonumber(ARGV[a+5+2*j])
+        if spent * 100 >= threshold * amount and redis.call('SADD', f, id) == 1 then
+          table.insert(out, i); table.insert(out, id); table.insert(out, tostring(spent))
+        end
+      end
+    end
+  end
+  a = a + 6 + 2 * k
+end
+return out
+"""
+)
+
+# KEYS: the reservation key, then per budget h, rs. ARGV: id, cost, tokens, n, per budget reserved start.
+_RELEASE = (
+    _COMMON
+    + """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  local h, rs = KEYS[2*i], KEYS[2*i+1]
+  local member = ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4+i]
+  if redis.call('ZREM', rs, member) == 1 then give_back(h, member) end
+end
+return 1
+"""
+)
+
+# KEYS: h, rq, rs, f. ARGV: sig, start, expire_in, now.
+_RESET = (
+    _COMMON
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+roll(KEYS[1], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
+sweep(KEYS[1], KEYS[3], tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'sn', 0, 'st', 0)
+redis.call('DEL', KEYS[2], KEYS[4])
+return 1
+"""
+)
+
+
+def _num(value: Any) -> int:
+    """A Lua reply number (bytes/str/int, possibly '1.5e+18') as an int."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return int(value) if value.lstrip("-").isdigit() else int(float(value))
+    return int(value)
+
+
+class RedisCounters:
+    """`Counters` in Redis, for several replicas (see the module docstring).
+
+    Args:
+        client: a `redis.asyncio.Redis`.
+        prefix: key prefix.
+        reservation_ttl: seconds after which an unsettled reservation is given back (longer than any
+            request may take, streams included).
+
+    Example:
+        counters = RedisCounters(redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0"))
+    """
+
+    in_process = False
+
+    def __init__(self, client: Redis, *, prefix: str = "orq:budget:", reservation_ttl: int = 3600) -> None:
+        if reservation_ttl < 1:
+            raise ValueError("reservation_ttl must be >= 1 second")
+        self.client = client
+        self.prefix = prefix
+        self.reservation_ttl = reservation_ttl
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._release = client.register_script(_RELEASE)
+        self._reset = client.register_script(_RESET)
+
+    # -- keys and windows --------------------------------------------------------------------------------
+    def _base(self, budget: Budget) -> str:
+        return f"{self.prefix}{{{budget.workspace}}}:{budget.budget_id}"
+
+    def _reservation_key(self, workspace: str, reservation_id: str) -> str:
+        return f"{self.prefix}{{{workspace}}}:res:{reservation_id}"
+
+    @staticmethod
+    def _window(budget: Budget, now: datetime) -> tuple[str, str, str, datetime, datetime | None]:
+        """(sig, start, expire_in, start, end) of the budget's current window."""
+        period = budget.effective_period
+        start, end = window(period, now, budget.time_zone)
+        sig = f"{period.value}|{budget.time_zone or ''}"
+        # Relative to the proxy's clock (not Redis's): a day after the window ends.
+        expire_in = str(max(1, int((end - now).total_seconds()) + 86_400)) if end is not None else ""
+        return sig, str(int(start.timestamp())), expire_in, start, end
+
+    # -- protocol ----------------------------------------------------------------------------------------
+    async def reserve(
+        self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
+    ) -> Reservation | Rejection:
+        reservation_id = str(ULID())
+        keys: list[str] = []
+        args: list[Any] = [repr(now.timestamp()), cost_nanos, tokens, reservation_id, self.reservation_ttl]
+        args.append(len(budgets))
+        windows = []
+        for budget in budgets:
+            base = self._base(budget)
+            keys += [base + ":h", base + ":rq", base + ":rs", base + ":f"]
+            sig, start, expire_in, _start, end_dt = self._window(budget, now)
+            windows.append((start, end_dt))
+            args += [
+                sig,
+                start,
+                expire_in,
+                -1 if budget.amount_nanos is None else budget.amount_nanos,
+                -1 if budget.token_limit is None else budget.token_limit,
+                -1 if budget.requests_per_minute is None else budget.requests_per_minute,
+            ]
+        keys.append(self._reservation_key(workspace, reservation_id))
+        reply = cast(list[Any], await self._reserve(keys=keys, args=args))
+        if _num(reply[0]) == 1:
+            parts = tuple(ReservedBudget(b, float(w[0])) for b, w in zip(budgets, windows, strict=True))
+            return Reservation(reservation_id, workspace, parts, cost_nanos, tokens)
+        index = _num(reply[1]) - 1
+        budget = budgets[index]
+        dimension = cast(Dimension, reply[2].decode() if isinstance(reply[2], bytes) else reply[2])
+        limit, used, requested = _num(reply[3]), _num(reply[4]), _num(reply[5])
+        if dimension == "requests":
+            oldest = float(reply[6])
+            resets: datetime | None = now + timedelta(seconds=oldest + RATE_WINDOW_SECONDS - now.timestamp())
+        else:
+            end = windows[index][1]
+            resets = end
+            if budget.expires_at is not None and (end is None or budget.expires_at < end):
+                resets = budget.expires_at
+        return Rejection(budget, dimension, limit, used, requested, resets)
+
+    async def settle(
+        self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
+    ) -> list[AlertCrossing]:
+        if reservation.done:
+            return []
+        reservation.done = True
+        keys = [self._reservation_key(reservation.workspace, reservation.reservation_id)]
+        args: list[Any] = [
+            repr(now.timestamp()),
+            actual_cost_nanos,
+            actual_tokens,
+            reservation.reservation_id,
+            reservation.cost_nanos,
+            reservation.tokens,
+            len(reservation.parts),
+        ]
+        windows = []
+        for part in reservation.parts:
+            budget = part.budget
+            base = self._base(budget)
+            keys += [base + ":h", base + ":rs", base + ":f"]
+            sig, start, expire_in, start_dt, end_dt = self._window(budget, now)
+            windows.append((start_dt, end_dt))
+            alerts = [a for a in budget.alerts if a.dimension == ALERT_DIMENSION_COST]
+            args += [
+                sig,
+                start,
+                expire_in,
+                str(int(part.period_start)),
+                -1 if budget.amount_nanos is None else budget.amount_nanos,
+                len(alerts),
+            ]
+            for alert in alerts:
+                args += [alert.id, alert.threshold_percent]
+        reply = cast(list[Any], await self._settle(keys=keys, args=args))
+        crossings = []
+        for i in range(0, len(reply), 3):
+            index = _num(reply[i]) - 1
+            alert_id = reply[i + 1].decode() if isinstance(reply[i + 1], bytes) else reply[i + 1]
+            budget = reservation.parts[index].budget
+            alert = next(a for a in budget.alerts if a.id == alert_id)
+            start_dt, end_dt = windows[index]
+            assert budget.amount_nanos is not None
+            crossings.append(
+                AlertCrossing(budget, alert, _num(reply[i + 2]), budget.amount_nanos, start_dt, end_dt, now)
+            )
+        return crossings
+
+    async def release(self, reservation: Reservation, now: datetime) -> None:
+        if reservation.done:
+            return
+        reservation.done = True
+        keys = [self._reservation_key(reservation.workspace, reservation.reservation_id)]
+        args: list[Any] = [
+            reservation.reservation_id,
+            reservation.cost_nanos,
+            reservation.tokens,
+            len(reservation.parts),
+        ]
+        for part in reservation.parts:
+            base = self._base(part.budget)
+            keys += [base + ":h", base + ":rs"]
+            args.append(str(int(part.period_start)))
+        await self._release(keys=keys, args=args)
+
+    async def usage(self, budget: Budget, now: datetime) -> Usage:
+        return (await self.usage_many([budget], now))[0]
+
+    async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
+        if not budgets:
+            return []
+        floor = now.timestamp() - RATE_WINDOW_SECONDS
+        async with self.client.pipeline(transaction=False) as pipe:
+            for budget in budgets:
+                base = self._base(budget)
+                pipe.hmget(base + ":h", ["sig", "start", "sn", "st"])
+                pipe.zcount(base + ":rq", f"({floor!r}", "+inf")
+            replies = await pipe.execute()
+        out = []
+        for i, budget in enumerate(budgets):
+            sig, start, spent, tokens = (v.decode() if isinstance(v, bytes) else v for v in replies[2 * i])
+            requests = int(replies[2 * i + 1])
+            want_sig, want_start, *_ = self._window(budget, now)
+            if sig != want_sig or start is None or int(start) < int(want_start):
+                out.append(Usage(0, 0, requests))  # the stored window is over (or the period changed)
+            else:
+                out.append(Usage(_num(spent), _num(tokens), requests))
+        return out
+
+    async def reset(self, budget: Budget, now: datetime) -> None:
+        base = self._base(budget)
+        sig, start, expire_in, _s, _e = self._window(budget, now)
+        keys = [base + ":h", base + ":rq", base + ":rs", base + ":f"]
+        await self._reset(keys=keys, args=[sig, start, expire_in, repr(now.timestamp())])
+
+    async def forget(self, budget_id: str) -> None:
+        # The workspace is not known here: find the budget's keys by pattern (rare: deletes only).
+        pattern = f"{self.prefix}{{*}}:{budget_id}:*"
+        keys = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await self.client.delete(*keys)
+
+    async def reserved(self, budget: Budget) -> tuple[int, int]:
+        """`(nano-USD, tokens)` reserved against a budget by requests in flight."""
+        values = await self.client.hmget(self._base(budget) + ":h", ["rn", "rt"])
+        return _num(values[0] or 0), _num(values[1] or 0)
+
+    async def aclose(self) -> None:
+        """Close the Redis client (lifespan shutdown)."""
+        await self.client.aclose()
+
+
+def redis_counters_from_url(
+    url: str, *, prefix: str = "orq:budget:", max_connections: int = 64
+) -> RedisCounters:
+    """`RedisCounters` for a `redis://` / `rediss://` URL; says how to install the extra if redis is missing.
+
+    The pool blocks (up to 20 s) when all `max_connections` are busy instead of failing the request.
+    """
+    try:
+        from redis.asyncio import BlockingConnectionPool, Redis
+    except ImportError as exc:  # pragma: no cover - redis is installed in development
+        raise ValueError(
+            f"[storage] counters {url!r} needs the redis client: pip install 'orq-proxy[redis]'"
+        ) from exc
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20)
+    return RedisCounters(Redis(connection_pool=pool), prefix=prefix)
