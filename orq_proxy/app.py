@@ -26,7 +26,7 @@ from orq_proxy.budgets.api import routes as budget_routes
 from orq_proxy.budgets.counters import Counters, InMemoryCounters
 from orq_proxy.budgets.middleware import BudgetMiddleware
 from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
-from orq_proxy.budgets.store import BudgetStore, InMemoryBudgetStore
+from orq_proxy.budgets.store import BudgetStore, SqliteBudgetStore, budget_store_from_url
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
 from orq_proxy.identities.api import IdentityBudgetHooks
@@ -179,7 +179,11 @@ def build_app(
     shutdown.append(identity_store.close)
     # budgets: records + scope/CEL index, counters (reservations, periods, RPM windows), alert webhooks.
     # The gate prices its estimates with metering's `pricer` (below), so estimate and actual agree.
-    budget_store: BudgetStore = overrides.get("budget_store") or InMemoryBudgetStore()
+    budget_store: BudgetStore | None = overrides.get("budget_store")
+    if budget_store is None:  # `[storage] state`: memory, or the same SQLite file as the identities
+        budget_store = budget_store_from_url(config.storage.state)
+        if isinstance(budget_store, SqliteBudgetStore):
+            shutdown.append(budget_store.close)
     budget_counters: Counters | None = overrides.get("budget_counters")
     if budget_counters is None:
         budget_counters = _budget_counters(config.storage.counters)

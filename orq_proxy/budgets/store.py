@@ -5,18 +5,23 @@ Uniqueness holds on `(workspace, scope kind, scope target)` for scoped budgets (
 `BudgetIndex`, so a shared backend can keep its own cached index without touching the middleware.
 
 `InMemoryBudgetStore` never awaits between reading and writing, so each call is atomic on its event loop.
+`SqliteBudgetStore` is the same store written through to a SQLite table (`[storage] state =
+"sqlite:///path"`), so budgets survive restarts; it loads every budget at start (budgets are configuration:
+thousands, not billions) and answers reads from memory.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from orq_proxy.budgets.matching import BudgetIndex, RequestFacts
-from orq_proxy.budgets.models import Budget, Period, ScopeKind
+from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind
 
 __all__ = [
     "BudgetConflict",
@@ -25,7 +30,9 @@ __all__ = [
     "BudgetStore",
     "InMemoryBudgetStore",
     "SortField",
+    "SqliteBudgetStore",
     "UnknownCursor",
+    "budget_store_from_url",
 ]
 
 
@@ -222,3 +229,126 @@ def _sort(items: list[Budget], sort_by: SortField) -> None:
         items.sort(key=lambda b: (b.created_at, b.budget_id), reverse=True)
     else:
         items.sort(key=lambda b: (b.updated_at, b.budget_id), reverse=True)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budgets (
+    budget_id TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    record TEXT NOT NULL
+)
+"""
+
+
+def _to_json(budget: Budget) -> str:
+    def time(value: datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return json.dumps(
+        {
+            "budget_id": budget.budget_id,
+            "workspace": budget.workspace,
+            "scope_kind": budget.scope_kind.value if budget.scope_kind else None,
+            "scope_target": budget.scope_target,
+            "cel": budget.cel,
+            "period": budget.period.value if budget.period else None,
+            "amount_nanos": budget.amount_nanos,
+            "token_limit": budget.token_limit,
+            "requests_per_minute": budget.requests_per_minute,
+            "alerts": [[a.id, a.threshold_percent, list(a.notifier_ids), a.dimension] for a in budget.alerts],
+            "is_active": budget.is_active,
+            "expires_at": time(budget.expires_at),
+            "created_at": time(budget.created_at),
+            "updated_at": time(budget.updated_at),
+            "time_zone": budget.time_zone,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _from_json(text: str) -> Budget:
+    data: dict[str, Any] = json.loads(text)
+
+    def time(value: str | None) -> datetime | None:
+        return None if value is None else datetime.fromisoformat(value)
+
+    created, updated = time(data["created_at"]), time(data["updated_at"])
+    assert created is not None and updated is not None
+    return Budget(
+        budget_id=data["budget_id"],
+        workspace=data["workspace"],
+        scope_kind=ScopeKind(data["scope_kind"]) if data["scope_kind"] else None,
+        scope_target=data["scope_target"],
+        cel=data["cel"],
+        period=Period(data["period"]) if data["period"] else None,
+        amount_nanos=data["amount_nanos"],
+        token_limit=data["token_limit"],
+        requests_per_minute=data["requests_per_minute"],
+        alerts=tuple(Alert(a[0], a[1], tuple(a[2]), a[3]) for a in data["alerts"]),
+        is_active=data["is_active"],
+        expires_at=time(data["expires_at"]),
+        created_at=created,
+        updated_at=updated,
+        time_zone=data["time_zone"],
+    )
+
+
+class SqliteBudgetStore(InMemoryBudgetStore):
+    """`InMemoryBudgetStore` written through to SQLite. Writes are rare admin calls, so they run inline.
+
+    Args:
+        path: the database file (shared with the identities' tables of `[storage] state`).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(_SCHEMA)
+        rows = self._conn.execute("SELECT record FROM budgets").fetchall()
+        super().__init__(_from_json(row[0]) for row in rows)
+
+    async def create(self, budget: Budget) -> Budget:
+        self._insert(budget)  # the uniqueness check first; then persist (and undo if that fails)
+        try:
+            self._conn.execute(
+                "INSERT INTO budgets (budget_id, workspace, record) VALUES (?, ?, ?)",
+                (budget.budget_id, budget.workspace, _to_json(budget)),
+            )
+        except sqlite3.Error:
+            await super().delete(budget.workspace, budget.budget_id)
+            raise
+        return budget
+
+    async def replace(self, budget: Budget) -> Budget:
+        previous = await self.get(budget.workspace, budget.budget_id)
+        await super().replace(budget)
+        try:
+            self._conn.execute(
+                "UPDATE budgets SET record = ? WHERE budget_id = ?", (_to_json(budget), budget.budget_id)
+            )
+        except sqlite3.Error:
+            if previous is not None:
+                await super().replace(previous)
+            raise
+        return budget
+
+    async def delete(self, workspace: str, budget_id: str) -> Budget | None:
+        budget = await super().delete(workspace, budget_id)
+        if budget is not None:
+            self._conn.execute("DELETE FROM budgets WHERE budget_id = ?", (budget_id,))
+        return budget
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
+def budget_store_from_url(url: str) -> InMemoryBudgetStore:
+    """The store named by `[storage] state`: `memory`, or `sqlite:///abs/path.db` (durable)."""
+    if url == "memory":
+        return InMemoryBudgetStore()
+    if url.startswith("sqlite://") and url[len("sqlite://") :]:
+        try:
+            return SqliteBudgetStore(url[len("sqlite://") :])
+        except sqlite3.Error as exc:
+            raise ValueError(f"[storage] state {url!r}: cannot open the database: {exc}") from exc
+    raise ValueError(f"[storage] state must be 'memory' or 'sqlite:///<path>', got {url!r}")

@@ -1,21 +1,27 @@
-"""InMemoryBudgetStore: uniqueness per scope target, replace/delete, list filters, order and cursors."""
+"""Budget stores: uniqueness per scope target, replace/delete, list filters, order and cursors; SQLite
+persistence."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from orq_proxy.budgets.matching import RequestFacts
-from orq_proxy.budgets.models import Budget, Period, ScopeKind
+from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind
 from orq_proxy.budgets.store import (
     BudgetConflict,
     BudgetListQuery,
     InMemoryBudgetStore,
     SortField,
+    SqliteBudgetStore,
     UnknownCursor,
+    budget_store_from_url,
 )
 
 MakeBudget = Callable[..., Budget]
@@ -134,3 +140,61 @@ async def test_list_filters(make_budget: MakeBudget) -> None:
     assert len(await ids()) == 12
     empty = await store.page("nowhere", BudgetListQuery())
     assert empty.items == [] and not empty.has_more
+
+
+async def test_sqlite_store_survives_reopen(make_budget: MakeBudget, tmp_path: Path) -> None:
+    """Budgets written through to SQLite come back, every field, indexed, after reopening the file."""
+    path = str(tmp_path / "state.db")
+    store = SqliteBudgetStore(path)
+    full = make_budget(
+        kind=ScopeKind.IDENTITY,
+        target="u1",
+        amount_nanos=5,
+        token_limit=7,
+        rpm=3,
+        alerts=(Alert("a1", 50, ("n1", "n2")),),
+        expires_at=T0 + timedelta(days=3),
+        time_zone="Europe/Paris",
+        period=Period.WEEKLY,
+    )
+    custom = make_budget(kind=None, cel='metadata.team == "ml"', period=None, token_limit=9)
+    gone = make_budget(kind=ScopeKind.PROJECT, target="p")
+    for budget in (full, custom, gone):
+        await store.create(budget)
+    with pytest.raises(BudgetConflict):
+        await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
+    changed = await store.replace(replace(custom, is_active=False, updated_at=T0 + timedelta(hours=1)))
+    await store.delete("default", gone.budget_id)
+    await store.close()
+
+    reopened = SqliteBudgetStore(path)
+    assert await reopened.get("default", full.budget_id) == full
+    assert await reopened.get("default", custom.budget_id) == changed
+    assert await reopened.get("default", gone.budget_id) is None and len(reopened) == 2
+    assert await reopened.matching(RequestFacts(workspace="default", identity="u1"), T0) == [full]
+    with pytest.raises(BudgetConflict):  # uniqueness is rebuilt too
+        await reopened.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
+    await reopened.close()
+
+
+def test_store_from_url(tmp_path: Path) -> None:
+    """`[storage] state` picks the store; anything else is an error naming the setting."""
+    assert type(budget_store_from_url("memory")) is InMemoryBudgetStore
+    assert isinstance(budget_store_from_url(f"sqlite://{tmp_path}/s.db"), SqliteBudgetStore)
+    for bad in ("sqlite://", "postgres://x", f"sqlite://{tmp_path}/missing-dir/s.db"):
+        with pytest.raises(ValueError, match=r"\[storage\] state"):
+            budget_store_from_url(bad)
+
+
+def test_budgets_survive_a_restart(proxy_factory: Any, fake: Any, tmp_path: Path) -> None:
+    """With `[storage] state = sqlite:///...`, a budget created on one proxy is there after a restart."""
+    config = {"storage": {"state": f"sqlite://{tmp_path}/state.db"}}
+    _app, server = proxy_factory(config)
+    created = httpx.post(
+        server.url + "/v2/budgets", json={"scope": {"workspace": {}}, "limits": {"amount": 1}}
+    )
+    assert created.status_code == 200
+    server.stop()
+    _app, server = proxy_factory(config)
+    got = httpx.get(server.url + "/v2/budgets/" + created.json()["budget"]["budgetId"])
+    assert got.status_code == 200 and got.json()["budget"]["limits"] == {"amount": 1.0}
