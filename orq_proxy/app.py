@@ -8,6 +8,7 @@ shared resources (upstream client, sink dispatcher, ...).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -174,8 +175,20 @@ def build_app(
         config.storage.state, clock=clock
     )
     identity_metrics: IdentityMetrics = overrides.get("identity_metrics") or IdentityMetrics(clock=clock)
-    # `identity_metrics.record` is a metering listener (it must see every settled UsageEvent).
+    # `identity_metrics.record` is a metering listener (it must see every settled UsageEvent). At startup
+    # the rings are rebuilt from the event store (so a file store keeps include_metrics across restarts),
+    # and every hour the rings of identities idle for the whole window are freed.
     components.update(identity_store=identity_store, identity_metrics=identity_metrics)
+
+    async def seed_identity_metrics() -> None:
+        rows = await asyncio.to_thread(identity_metrics.seed_from_events, event_store)
+        if rows:
+            logger.info("identity metrics: rebuilt %d identity-days from the event store", rows)
+
+    startup.append(seed_identity_metrics)
+    prune_task = _Periodic(3600.0, identity_metrics.prune)
+    startup.append(prune_task.start)
+    shutdown.append(prune_task.stop)
     shutdown.append(identity_store.close)
     # budgets: records + scope/CEL index, counters (reservations, periods, RPM windows), alert webhooks.
     # The gate prices its estimates with metering's `pricer` (below), so estimate and actual agree.
@@ -303,6 +316,33 @@ def _budget_counters(url: str) -> Counters:
     if url == "memory":
         return InMemoryCounters()
     return redis_counters_from_url(url)
+
+
+class _Periodic:
+    """Calls a cheap synchronous `job` every `interval` seconds while the app runs."""
+
+    def __init__(self, interval: float, job: Callable[[], object]) -> None:
+        self.interval = interval
+        self.job = job
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.job()
+            except Exception:
+                logger.exception("periodic job %s failed", getattr(self.job, "__qualname__", self.job))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 def _close_event_store(store: DuckDBEventStore) -> Hook:

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from orq_proxy.clock import Clock
 from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
+from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore
 
 __all__ = ["WINDOW_DAYS", "IdentityMetrics", "empty_metrics"]
 
@@ -133,6 +134,50 @@ class IdentityMetrics:
             "total_requests": requests,
             "error_rate": errors / requests if requests else 0.0,
         }
+
+    def add_day(
+        self,
+        workspace: str,
+        external_id: str,
+        day: datetime,
+        requests: int,
+        errors: int,
+        tokens: int,
+        cost_nanos: int,
+    ) -> None:
+        """Add a whole day's totals at once (used to rebuild the rings from the event store at startup)."""
+        ring = self._rings.get((workspace, external_id))
+        if ring is None:
+            ring = self._rings[(workspace, external_id)] = array("q")
+        base = self._slot(ring, _day(day))
+        if base < 0:
+            return
+        ring[base + 1] += requests
+        ring[base + 2] += errors
+        ring[base + 3] += tokens
+        ring[base + 4] += cost_nanos
+
+    def seed_from_events(self, store: DuckDBEventStore) -> int:
+        """Rebuild the window's figures from the usage events already in `store` (blocking: one
+        GROUP BY over the window). With a file event store, `include_metrics` then survives a restart.
+        Returns how many (identity, day) rows were added."""
+        since = datetime.fromtimestamp((_day(self._clock.now()) - self._days + 1) * _SECONDS_PER_DAY, UTC)
+        cur = store.cursor()
+        try:
+            rows = cur.execute(
+                f"SELECT workspace, identity, date_trunc('day', ts) AS day, count(*), "
+                f"count(*) FILTER (WHERE status = 'ERROR'), sum(total_tokens), sum(total_cost_nanos) "
+                f"FROM {EVENTS_TABLE} WHERE identity IS NOT NULL AND ts >= ? "
+                f"GROUP BY ALL ORDER BY day",
+                [since.replace(tzinfo=None)],
+            ).fetchall()
+        finally:
+            cur.close()
+        for workspace, identity, day, requests, errors, tokens, cost in rows:
+            self.add_day(
+                workspace, identity, day, int(requests), int(errors), int(tokens or 0), int(cost or 0)
+            )
+        return len(rows)
 
     def forget(self, workspace: str, external_id: str) -> None:
         """Drop an identity's figures (its record was deleted)."""
