@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from orq_ai_sdk import Orq
-from orq_ai_sdk.models import APIDefaultError, ErrorResponse
+from orq_ai_sdk.models import APIDefaultError, BudgetAlert, ErrorResponse
 
 from orq_proxy.app import OrqProxy, build_app
 from orq_proxy.budgets.counters import InMemoryCounters, Reservation
@@ -83,7 +83,7 @@ def test_create_full_budget_as_captured(orq: Orq, server: ServerThread) -> None:
         is_active=True,
         expires_at=datetime(2027, 1, 1, tzinfo=UTC),
         alerts=[
-            {"threshold_percent": 80, "notifier_ids": ["n1"], "dimension": "BUDGET_ALERT_DIMENSION_COST"}
+            BudgetAlert(threshold_percent=80, notifier_ids=["n1"], dimension="BUDGET_ALERT_DIMENSION_COST")
         ],
     )
     budget = created.budget
@@ -104,7 +104,7 @@ def test_create_full_budget_as_captured(orq: Orq, server: ServerThread) -> None:
 
 def test_every_scope_kind_and_cel(orq: Orq) -> None:
     """Each of the six scopes and a CEL match create a budget; the list filters by scope kind."""
-    scopes: list[dict[str, Any]] = [
+    scopes: list[Any] = [
         {"workspace": {}},
         {"project": {"project_id": "p1"}},
         {"identity": {"identity_external_id": "u1"}},
@@ -186,8 +186,8 @@ def test_update_semantics(orq: Orq, clock: FakeClock) -> None:
         rate_limit={"requests_per_minute": 60},
         expires_at=START + timedelta(days=30),
         alerts=[
-            {"threshold_percent": 50, "notifier_ids": ["n1"]},
-            {"threshold_percent": 90, "notifier_ids": ["n1"]},
+            BudgetAlert(threshold_percent=50, notifier_ids=["n1"]),
+            BudgetAlert(threshold_percent=90, notifier_ids=["n1"]),
         ],
     ).budget
     assert created.alerts is not None
@@ -205,8 +205,8 @@ def test_update_semantics(orq: Orq, clock: FakeClock) -> None:
         rate_limit={"requests_per_minute": 10},
         clear_expires_at=True,
         alerts=[
-            {"id": a90, "threshold_percent": 95, "notifier_ids": ["n2"]},
-            {"threshold_percent": 30, "notifier_ids": ["n1"]},
+            BudgetAlert(id=a90, threshold_percent=95, notifier_ids=["n2"]),
+            BudgetAlert(threshold_percent=30, notifier_ids=["n1"]),
         ],
     ).budget
     assert updated.limits.amount == 20.0 and updated.limits.token_limit is None  # limits replaced wholesale

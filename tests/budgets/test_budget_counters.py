@@ -18,11 +18,15 @@ USD = 1_000_000_000
 T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, us, tzinfo=UTC)
 
 
-async def reserve(counters: Counters, budgets: list, cost: int, tokens: int, now: datetime) -> Reservation:
+async def reserve(
+    counters: Counters, budgets: list[Budget], cost: int, tokens: int, now: datetime
+) -> Reservation:
     result = await counters.reserve("default", budgets, cost, tokens, now)
     assert isinstance(result, Reservation), result
     return result

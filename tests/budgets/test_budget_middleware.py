@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,8 +67,8 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
 
-    async def __call__(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        self.messages.append(dict(message))
 
     @property
     def status(self) -> int:
