@@ -24,7 +24,7 @@ from orq_proxy.budgets.counters import AlertCrossing
 from orq_proxy.budgets.models import budget_rest, format_time, nanos_to_usd
 from orq_proxy.config import NotifierConfig
 
-__all__ = ["AlertDispatcher", "alert_payload"]
+__all__ = ["ALERT_TYPE", "AlertDispatcher", "alert_payload"]
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from orq_proxy.clock import Clock
 from orq_proxy.errors import OrqAPIError
 from orq_proxy.management import admin_principal, json_ok, orq_endpoint, read_json_object
 
-__all__ = ["MAX_LIMIT", "BudgetIdentityHooks", "routes"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "BudgetIdentityHooks", "routes"]
 
 DEFAULT_LIMIT = 25
 MAX_LIMIT = 200

@@ -33,6 +33,8 @@ from orq_proxy.metering.pricing import usd_to_nanos
 __all__ = [
     "ALERT_DIMENSION_COST",
     "ALERT_DIMENSION_TOKENS",
+    "MAX_AMOUNT_USD",
+    "MAX_COUNT",
     "Alert",
     "AlertIn",
     "Budget",
@@ -45,6 +47,7 @@ __all__ = [
     "ScopeIn",
     "ScopeKind",
     "Usage",
+    "amount_to_nanos",
     "budget_rest",
     "derived_cel",
     "format_time",
@@ -192,8 +195,8 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
-Number = Annotated[float, BeforeValidator(_json_number)]
+_WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+_Number = Annotated[float, BeforeValidator(_json_number)]
 
 
 class _Request(BaseModel):
@@ -264,14 +267,14 @@ class LimitsIn(_Request):
     """Per-period ceilings. `amount` is USD; `token_limit` has integer semantics."""
 
     period: Period | None = None
-    amount: Number | None = Field(None, ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)
-    token_limit: WholeNumber | None = Field(None, ge=0, le=MAX_COUNT)
+    amount: _Number | None = Field(None, ge=0, le=MAX_AMOUNT_USD, allow_inf_nan=False)
+    token_limit: _WholeNumber | None = Field(None, ge=0, le=MAX_COUNT)
 
 
 class RateLimitIn(_Request):
     """A rolling 60-second request ceiling."""
 
-    requests_per_minute: WholeNumber | None = Field(None, ge=1, le=MAX_COUNT)
+    requests_per_minute: _WholeNumber | None = Field(None, ge=1, le=MAX_COUNT)
 
 
 _NotifierId = Annotated[str, Field(min_length=1, max_length=256)]
@@ -280,7 +283,7 @@ _NotifierId = Annotated[str, Field(min_length=1, max_length=256)]
 class AlertIn(_Request):
     """A threshold notification (`id` only on update, to edit an existing alert)."""
 
-    threshold_percent: WholeNumber = Field(ge=1, le=100)
+    threshold_percent: _WholeNumber = Field(ge=1, le=100)
     notifier_ids: list[_NotifierId] = Field(min_length=1, max_length=32)
     id: str | None = Field(None, min_length=1, max_length=64)
     dimension: Literal["BUDGET_ALERT_DIMENSION_COST", "BUDGET_ALERT_DIMENSION_TOKENS"] | None = None
