@@ -38,6 +38,7 @@ __all__ = [
     "Rejection",
     "Reservation",
     "ReservedBudget",
+    "frees_at",
 ]
 
 RATE_WINDOW_SECONDS = 60.0
@@ -98,6 +99,13 @@ class AlertCrossing:
     period_start: datetime
     period_end: datetime | None
     at: datetime
+
+
+def frees_at(budget: Budget, window_end: datetime | None) -> datetime | None:
+    """When a budget refusing on cost or tokens frees up: its window's end, or its expiry if sooner."""
+    if budget.expires_at is not None and (window_end is None or budget.expires_at < window_end):
+        return budget.expires_at
+    return window_end
 
 
 class Counters(Protocol):
@@ -217,12 +225,6 @@ class InMemoryCounters:
             requests.popleft()
         return requests
 
-    @staticmethod
-    def _resets(budget: Budget, end: datetime | None) -> datetime | None:
-        if budget.expires_at is not None and (end is None or budget.expires_at < end):
-            return budget.expires_at
-        return end
-
     # -- protocol ----------------------------------------------------------------------------------------
 
     async def reserve(
@@ -274,12 +276,12 @@ class InMemoryCounters:
             used = state.spent_nanos + state.reserved_nanos
             # Reaching the limit closes the budget even for requests priced at zero (unknown models).
             if used >= limit or used + cost_nanos > limit:
-                return Rejection(budget, "cost", limit, used, cost_nanos, self._resets(budget, state.end))
+                return Rejection(budget, "cost", limit, used, cost_nanos, frees_at(budget, state.end))
         limit = budget.token_limit
         if limit is not None:
             used = state.spent_tokens + state.reserved_tokens
             if used >= limit or used + tokens > limit:
-                return Rejection(budget, "tokens", limit, used, tokens, self._resets(budget, state.end))
+                return Rejection(budget, "tokens", limit, used, tokens, frees_at(budget, state.end))
         return None
 
     async def settle(

@@ -315,7 +315,21 @@ def _check_zone(value: str | None) -> str | None:
     return value
 
 
-class BudgetCreate(_Request):
+class _BudgetFields(_Request):
+    """Validators shared by create and update."""
+
+    @field_validator("expires_at", check_fields=False)
+    @classmethod
+    def _utc_expiry(cls, value: datetime | None) -> datetime | None:
+        return _utc(value)
+
+    @field_validator("time_zone", check_fields=False)
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return _check_zone(value)
+
+
+class BudgetCreate(_BudgetFields):
     """`POST /v2/budgets`. Exactly one of `scope` / `match`; at least one limit."""
 
     scope: ScopeIn | None = None
@@ -326,16 +340,6 @@ class BudgetCreate(_Request):
     expires_at: datetime | None = None
     alerts: list[AlertIn] | None = Field(None, max_length=32)
     time_zone: str | None = Field(None, description="Extension: IANA zone of the period boundaries (UTC).")
-
-    @field_validator("expires_at")
-    @classmethod
-    def _utc_expiry(cls, value: datetime | None) -> datetime | None:
-        return _utc(value)
-
-    @field_validator("time_zone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        return _check_zone(value)
 
     @model_validator(mode="after")
     def _rules(self) -> BudgetCreate:
@@ -353,7 +357,7 @@ class BudgetCreate(_Request):
         return value
 
 
-class BudgetUpdate(_Request):
+class BudgetUpdate(_BudgetFields):
     """`PATCH /v2/budgets/{id}`. Omitted fields are unchanged; `limits` and `rate_limit` replace wholesale."""
 
     limits: LimitsIn | None = None
@@ -365,16 +369,6 @@ class BudgetUpdate(_Request):
     alerts: list[AlertIn] | None = Field(None, max_length=32)
     clear_alerts: StrictBool | None = None
     time_zone: str | None = None
-
-    @field_validator("expires_at")
-    @classmethod
-    def _utc_expiry(cls, value: datetime | None) -> datetime | None:
-        return _utc(value)
-
-    @field_validator("time_zone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        return _check_zone(value)
 
     @model_validator(mode="after")
     def _rules(self) -> BudgetUpdate:

@@ -37,6 +37,7 @@ from orq_proxy.budgets.counters import (
     Rejection,
     Reservation,
     ReservedBudget,
+    frees_at,
 )
 from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
 from orq_proxy.budgets.periods import window
@@ -273,10 +274,7 @@ class RedisCounters:
             oldest = float(reply[6])
             resets: datetime | None = now + timedelta(seconds=oldest + RATE_WINDOW_SECONDS - now.timestamp())
         else:
-            end = windows[index][1]
-            resets = end
-            if budget.expires_at is not None and (end is None or budget.expires_at < end):
-                resets = budget.expires_at
+            resets = frees_at(budget, windows[index][1])
         return Rejection(budget, dimension, limit, used, requested, resets)
 
     async def settle(
