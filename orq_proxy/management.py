@@ -7,20 +7,31 @@ errors in orq's shape `{"message", "code"}` naming the field and the rule.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from orq_proxy.auth import KeyRing, Principal, bearer_token
 from orq_proxy.errors import OrqAPIError
+from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 
-__all__ = ["Endpoint", "admin_principal", "json_ok", "orq_endpoint", "read_json_object", "validation_message"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Endpoint",
+    "admin_principal",
+    "json_ok",
+    "orq_endpoint",
+    "read_json_object",
+    "validation_message",
+]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+# Management payloads are small (an identity's metadata has at most 20 keys); 1 MiB leaves ample room.
+MAX_BODY_BYTES = 1024 * 1024
 
 
 def admin_principal(keyring: KeyRing, request: Request) -> Principal:
@@ -38,17 +49,40 @@ def json_ok(data: Any, status: int = 200, headers: dict[str, str] | None = None)
     return JSONResponse(data, status_code=status, headers=headers)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 once it is larger than `limit` (the proxied surface has its own, larger cap)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:  # not a number: the server would have refused it; read and count instead
+            too_big = False
+        if too_big:
+            raise OrqAPIError(413, f"request body is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise OrqAPIError(413, f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer; ends the request without an error traceback
+        raise OrqAPIError(400, "the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
 async def read_json_object(request: Request, *, allow_empty: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object, or 400 saying what is wrong with it."""
-    raw = await request.body()
+    """The request body as a JSON object (at most `MAX_BODY_BYTES`), or 400/413 saying what is wrong."""
+    raw = await _read_body(request, MAX_BODY_BYTES)
     if not raw.strip():
         if allow_empty:
             return {}
         raise OrqAPIError(400, "request body must be a JSON object")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise OrqAPIError(400, f"request body is not valid JSON: {exc}") from exc
+        data = parse_json_body(raw)
+    except JSONBodyError as exc:
+        raise OrqAPIError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OrqAPIError(400, "request body must be a JSON object")
     return data

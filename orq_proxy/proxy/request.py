@@ -9,7 +9,6 @@ exception propagates.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ from ulid import ULID
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.context import SCOPE_KEY, RequestContext
 from orq_proxy.errors import openai_error
+from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 
 __all__ = ["PROXY_PREFIXES", "RequestMiddleware", "product_of", "route_path"]
 
@@ -181,6 +181,19 @@ def _too_large(limit: int) -> Any:
     )
 
 
+def _json_type(value: Any) -> str:
+    """The JSON type name of a parsed value, for error messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
     """Parse a JSON object body into `ctx` and lift `orq`/`identity` out of it. Returns an error response
     for a JSON body that does not parse, else None. Non-JSON bodies (multipart uploads) stay opaque."""
@@ -191,11 +204,13 @@ def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
     if not is_json and raw[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         return None
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = parse_json_body(raw)
+    except JSONBodyError as exc:
         if not is_json:
             return None
-        return openai_error(400, f"the request body is not valid JSON: {exc}", code="invalid_json")
+        return openai_error(
+            400, f"the request body is not valid JSON: {exc}", code="invalid_json", param=exc.path
+        )
     if not isinstance(data, dict):
         if is_json:
             return openai_error(400, "the request body must be a JSON object", code="invalid_json")
@@ -210,7 +225,16 @@ def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
     if "identity" in data:
         ctx.body_identity = data.pop("identity")
         ctx.body_changed = True
-    ctx.stream = data.get("stream") is True
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        # Metering decides on this flag (usage injection), so it must mean what the upstream reads.
+        return openai_error(
+            400,
+            f"stream must be true or false, got {_json_type(stream)}",
+            code="invalid_value",
+            param="stream",
+        )
+    ctx.stream = stream is True
     metadata = data.get("metadata")
     if isinstance(metadata, dict):
         ctx.metadata = {str(k): v for k, v in metadata.items() if isinstance(v, str)}
