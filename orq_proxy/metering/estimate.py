@@ -6,10 +6,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["BYTES_PER_TOKEN", "estimate_input_tokens", "estimate_tokens_from_bytes", "max_output_tokens"]
+__all__ = [
+    "BYTES_PER_TOKEN",
+    "MAX_OUTPUT_TOKENS",
+    "estimate_input_tokens",
+    "estimate_tokens_from_bytes",
+    "max_output_tokens",
+]
 
 BYTES_PER_TOKEN = 4
 _OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_NOT_TEXT_KEYS = frozenset({"role", "type", "name", "image_url"})
+# The largest output cap an estimate takes at face value (OpenAI's own limit is a 32-bit integer). A
+# client's `max_tokens: 1e300` is capped here, so a budget reservation stays a sane 64-bit number.
+MAX_OUTPUT_TOKENS = 2**31 - 1
 
 
 def estimate_tokens_from_bytes(n: int) -> int:
@@ -18,13 +28,30 @@ def estimate_tokens_from_bytes(n: int) -> int:
 
 
 def _text_bytes(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.encode())
-    if isinstance(value, list):
-        return sum(_text_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_text_bytes(v) for k, v in value.items() if k not in ("role", "type", "name", "image_url"))
-    return 0
+    """UTF-8 bytes of the text in `value` (strings, nested in lists and objects, minus framing keys).
+
+    Iterative, so no nesting depth can exhaust the recursion limit; an unpaired surrogate counts as the
+    3 bytes `surrogatepass` gives it instead of failing the estimate.
+    """
+    total = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node) if node.isascii() else len(node.encode("utf-8", "surrogatepass"))
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(v for k, v in node.items() if k not in _NOT_TEXT_KEYS)
+    return total
+
+
+def _json_bytes(value: Any) -> int:
+    """Length of `value` as JSON; never raises (a value json cannot encode counts as its text)."""
+    try:
+        return len(json.dumps(value).encode())
+    except (ValueError, TypeError, RecursionError):
+        return _text_bytes(value)
 
 
 def estimate_input_tokens(body: dict[str, Any] | None, raw_len: int = 0) -> int:
@@ -38,9 +65,7 @@ def estimate_input_tokens(body: dict[str, Any] | None, raw_len: int = 0) -> int:
         if key in body:
             found = True
             value = body[key]
-            tokens += estimate_tokens_from_bytes(
-                _text_bytes(value) if key != "tools" else len(json.dumps(value).encode())
-            )
+            tokens += estimate_tokens_from_bytes(_text_bytes(value) if key != "tools" else _json_bytes(value))
             if key == "messages" and isinstance(value, list):
                 tokens += 4 * len(value)
     return tokens if found else estimate_tokens_from_bytes(raw_len)
@@ -52,5 +77,6 @@ def max_output_tokens(body: dict[str, Any] | None, default: int) -> int:
         for key in _OUTPUT_CAP_KEYS:
             value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-                return int(value)
+                # min() first: a float too large for int() (or inf) never reaches the conversion.
+                return int(min(value, MAX_OUTPUT_TOKENS))
     return default
