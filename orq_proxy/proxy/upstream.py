@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import quote, quote_from_bytes, unquote
 
 import aiohttp
 import yarl
@@ -68,6 +69,12 @@ _DROP_RESPONSE = frozenset(
         b"date",
     }
 )
+
+
+# Characters forwarded as they are in a path / query string (RFC 3986 pchar and query, plus `%` so the
+# client's own escapes are kept); everything else, space and control characters included, is escaped.
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 class UpstreamStreamError(Exception):
@@ -186,10 +193,10 @@ class UpstreamApp:
         self, ctx: RequestContext, scope: Scope, provider: str, send: Send, finishing: list[bool]
     ) -> None:
         target = self.targets[provider]
-        url = target.base_url + ctx.path
+        url = target.base_url + _upstream_path(scope, ctx)
         query: bytes = scope.get("query_string", b"")
         if query:
-            url += "?" + query.decode("latin-1")
+            url += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
@@ -201,7 +208,7 @@ class UpstreamApp:
             headers.append(auth)
         content = ctx.raw_body
         if ctx.body_changed and ctx.body is not None:
-            content = json.dumps(ctx.body, separators=(",", ":"), ensure_ascii=False).encode()
+            content = _serialize(ctx.body)
         session = self.session
         try:
             async with asyncio.timeout(target.headers_timeout):
@@ -257,6 +264,28 @@ class UpstreamApp:
                 response.release()  # fully read: the connection goes back to the pool
             else:
                 response.close()  # cancelled or broken: drop the connection, which stops the upstream
+
+
+def _upstream_path(scope: Scope, ctx: RequestContext) -> str:
+    """The path to forward, percent-encoded: the client's own bytes (`raw_path`) below the surface prefix
+    when they line up with the decoded path, else the decoded path re-encoded. Either way nothing that
+    could end or split the request line (space, CR, LF, NUL, non-ASCII) reaches the upstream unescaped."""
+    raw: bytes | None = scope.get("raw_path")
+    prefix = (scope.get("root_path", "") + ctx.surface).encode("utf-8")
+    if raw is not None and raw.startswith(prefix):
+        rest = raw[len(prefix) :] or b"/"
+        # Decoded as servers decode `path` (uvicorn: unquote, UTF-8 with replacement characters).
+        if rest[:1] == b"/" and unquote(rest.decode("latin-1")) == ctx.path:
+            return quote_from_bytes(rest, safe=_PATH_SAFE)
+    return quote(ctx.path, safe=_PATH_SAFE)
+
+
+def _serialize(body: dict[str, object]) -> bytes:
+    """A changed body as compact JSON; UTF-8 where possible, else with `\\u` escapes (never raises on text)."""
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # an unpaired surrogate (the request layer refuses these; belt and braces)
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
