@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "GRPC_RESOURCE_EXHAUSTED",
     "GRPC_UNAUTHENTICATED",
     "GRPC_UNAVAILABLE",
+    "GRPC_UNIMPLEMENTED",
     "OrqAPIError",
     "openai_error",
     "orq_error",
@@ -31,6 +33,7 @@ GRPC_NOT_FOUND = 5
 GRPC_ALREADY_EXISTS = 6
 GRPC_PERMISSION_DENIED = 7
 GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNIMPLEMENTED = 12
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 GRPC_UNAUTHENTICATED = 16
@@ -40,6 +43,7 @@ _GRPC_BY_STATUS = {
     401: GRPC_UNAUTHENTICATED,
     403: GRPC_PERMISSION_DENIED,
     404: GRPC_NOT_FOUND,
+    405: GRPC_UNIMPLEMENTED,
     409: GRPC_ALREADY_EXISTS,
     413: GRPC_INVALID_ARGUMENT,
     422: GRPC_INVALID_ARGUMENT,
@@ -58,6 +62,14 @@ _OPENAI_TYPE_BY_STATUS = {
     503: "api_error",
     504: "timeout_error",
 }
+
+
+class _ErrorJSON(JSONResponse):
+    """JSON rendered ASCII-only: an error message may quote client text, and an unpaired surrogate in it
+    must not turn the 4xx into a crash while encoding (`\\ud800` escapes are valid JSON)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def openai_error(
@@ -79,7 +91,7 @@ def openai_error(
     }
     if extra:
         error.update(extra)
-    return JSONResponse({"error": error}, status_code=status, headers=dict(headers) if headers else None)
+    return _ErrorJSON({"error": error}, status_code=status, headers=dict(headers) if headers else None)
 
 
 def orq_error(
@@ -91,7 +103,7 @@ def orq_error(
 ) -> JSONResponse:
     """An error for the management API, in orq's shape with a gRPC status code."""
     grpc = code if code is not None else _GRPC_BY_STATUS.get(status, GRPC_INTERNAL)
-    return JSONResponse(
+    return _ErrorJSON(
         {"message": message, "code": grpc}, status_code=status, headers=dict(headers) if headers else None
     )
 
