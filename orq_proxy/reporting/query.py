@@ -304,7 +304,11 @@ def _parse_time(field: str, raw: Any, problems: list[str]) -> datetime | None:
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)  # spec §1.3: a naive date-time is UTC
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        problems.append(f"{field}: {raw!r} is out of range (years 1 to 9999 in UTC)")
+        return None
 
 
 def _parse_enum(field: str, raw: Any, allowed: tuple[str, ...], default: str, problems: list[str]) -> str:
@@ -452,7 +456,11 @@ def _parse_limit(raw: Any, problems: list[str]) -> int:
     if raw is None:
         return DEFAULT_LIMIT
     # The SDK may send integral values as floats (spec §1.3); booleans are not numbers here.
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw):
+    if (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or (isinstance(raw, float) and not raw.is_integer())  # also NaN and infinities
+    ):
         problems.append(f"limit: must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
         return DEFAULT_LIMIT
     if not 1 <= raw <= MAX_LIMIT:
