@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -30,6 +31,7 @@ from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_
 from orq_proxy.budgets.store import BudgetStore, SqliteBudgetStore, budget_store_from_url
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
+from orq_proxy.errors import GRPC_INTERNAL, orq_error
 from orq_proxy.identities.api import IdentityBudgetHooks
 from orq_proxy.identities.api import routes as identity_routes
 from orq_proxy.identities.metrics import IdentityMetrics
@@ -107,7 +109,9 @@ class OrqProxy:
         self._startup = startup
         self._shutdown = shutdown
         self.ready = False
-        self.management = Starlette(routes=routes, lifespan=self.lifespan)
+        self.management = Starlette(
+            routes=routes, lifespan=self.lifespan, exception_handlers=_MANAGEMENT_ERROR_HANDLERS
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -350,3 +354,31 @@ def _close_event_store(store: DuckDBEventStore) -> Hook:
         store.close()
 
     return close_event_store
+
+
+# ---- errors outside the management endpoints: orq's JSON shape, not Starlette's plain text ----
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown path (404) or wrong method (405, with `Allow`) on the management side, as orq JSON."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 404:
+        message = f"no API at {path}; the management API is /v2/identities, /v2/budgets and /v2/reporting"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {path}; allowed: {allowed}"
+    else:
+        message = str(exc.detail)
+    return orq_error(exc.status_code, message, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: JSON 500 in orq's shape (Starlette still logs the traceback and re-raises)."""
+    return orq_error(500, "internal error in the proxy", code=GRPC_INTERNAL)
+
+
+_MANAGEMENT_ERROR_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
