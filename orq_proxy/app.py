@@ -235,7 +235,7 @@ def build_app(
     app: ASGIApp = upstream
     # Metering wraps the upstream directly: it sees exactly the bytes the client gets, and settles after
     # everything outside it (budget reservation via ctx.settle_hooks, identity metrics as a listener).
-    app = MeteringMiddleware(
+    app = metering = MeteringMiddleware(
         app, bus=bus, pricer=pricer, clock=clock, listeners=[identity_metrics.record], prom=prom
     )
     # Budget: inside Identity (it matches on ctx.identity), outside Metering (whose settle hook settles
@@ -249,6 +249,8 @@ def build_app(
         default_max_output_tokens=config.budgets.default_max_output_tokens,
         fail_open=config.budgets.fail_open,
         alerts=budget_alerts,
+        # A refused request never reaches metering; it is recorded all the same (status 429/503, no usage).
+        on_refused=metering.record_unforwarded,
     )
     components["budget_gate"] = budget_gate
     shutdown.append(budget_gate.drain)  # settlements still talking to a remote counters backend

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +59,9 @@ class BudgetMiddleware:
         default_max_output_tokens: the output cap assumed when a request sets none.
         fail_open: forward requests when the budget backend fails (default: 503).
         alerts: where crossed alert thresholds go (None: alerts are not delivered).
+        on_refused: called (sync, must not raise) with the context and status of every request this layer
+            answers itself (429, 503), so it can still be recorded; app.py passes metering's
+            `record_unforwarded`.
 
     Example:
         app = BudgetMiddleware(metering, store=InMemoryBudgetStore(), counters=InMemoryCounters(),
@@ -75,6 +79,7 @@ class BudgetMiddleware:
         default_max_output_tokens: int = 4096,
         fail_open: bool = False,
         alerts: AlertDispatcher | None = None,
+        on_refused: Callable[[RequestContext, int], None] | None = None,
     ) -> None:
         if default_max_output_tokens < 1:
             raise ValueError("default_max_output_tokens must be >= 1")
@@ -86,6 +91,7 @@ class BudgetMiddleware:
         self.default_max_output_tokens = default_max_output_tokens
         self.fail_open = fail_open
         self.alerts = alerts
+        self.on_refused = on_refused
         # Settlements still running after their request was cancelled; kept so they are not collected.
         self._background: set[asyncio.Task[None]] = set()
 
@@ -127,6 +133,7 @@ class BudgetMiddleware:
                     503, "budget service unavailable", code="budget_unavailable", headers={"Retry-After": "1"}
                 )
                 await response(scope, receive, send)
+                self._refused(ctx, 503)
                 return
             logger.exception("request %s: budget backend failed; forwarding (fail open)", ctx.request_id)
             reserved = None
@@ -137,6 +144,7 @@ class BudgetMiddleware:
         if isinstance(reserved, Rejection):
             ctx.status_code = 429
             await rejection_response(reserved, now)(scope, receive, send)
+            self._refused(ctx, 429)
             return
 
         reservation = reserved
@@ -146,6 +154,14 @@ class BudgetMiddleware:
             await self.app(scope, receive, send)
         finally:
             await self._finish(ctx, reservation, settled)
+
+    def _refused(self, ctx: RequestContext, status: int) -> None:
+        """Report a request this layer answered itself (so it still becomes a usage event)."""
+        if self.on_refused is not None:
+            try:
+                self.on_refused(ctx, status)
+            except Exception:
+                logger.exception("request %s: on_refused hook failed", ctx.request_id)
 
     def estimate(self, ctx: RequestContext) -> tuple[int, int]:
         """The most this request can cost (nano-USD) and use (tokens): input + its output cap."""

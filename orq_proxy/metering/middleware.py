@@ -198,6 +198,14 @@ class MeteringMiddleware:
             meter.tap = JSONTap()
         return message
 
+    def record_unforwarded(self, ctx: RequestContext, http_status: int) -> None:
+        """Record a request an outer layer answered itself (the budget gate's 429 or 503): one event with
+        that status, no usage and no cost. Sync, never raises."""
+        meter = _Meter(hide_usage=False)
+        meter.started = meter.complete = True
+        meter.status = http_status
+        self._settle(ctx, meter)
+
     # -- settlement (sync, never raises) ----------------------------------------------------------
     def _settle(self, ctx: RequestContext, meter: _Meter) -> None:
         try:

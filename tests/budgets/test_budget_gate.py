@@ -279,10 +279,13 @@ def test_concurrent_requests_cannot_overshoot(gate: Gate) -> None:
     limit = 10 * EST_NANOS
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
     statuses = asyncio.run(burst(gate, 200, MESSAGES, 10, latency_ms=50))
-    gate.settled(budget_id, statuses.count(200))
+    gate.settled(budget_id, len(statuses))  # refused requests are usage events too (429, no cost)
     charged = sum(e.total_cost_nanos for e in gate.sink.events)
     assert statuses.count(200) >= 10 and statuses.count(429) > 100
     assert set(statuses) == {200, 429}
+    refused = [e for e in gate.sink.events if e.http_status == 429]
+    assert len(refused) == statuses.count(429)
+    assert all(e.status == "ERROR" and e.total_cost_nanos == e.total_tokens == 0 for e in refused)
     assert charged <= limit
     assert gate.usage(budget_id)["amount"] == charged / 1e9
 
@@ -299,9 +302,10 @@ def test_overshoot_bound_when_actual_exceeds_estimate(gate: Gate) -> None:
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
     statuses = asyncio.run(burst(gate, 200, messages, 8, latency_ms=50))
     admitted = statuses.count(200)
-    gate.settled(budget_id, admitted)
-    charged = sum(e.total_cost_nanos for e in gate.sink.events)
-    assert all(e.total_cost_nanos == actual for e in gate.sink.events)
+    gate.settled(budget_id, len(statuses))
+    served = [e for e in gate.sink.events if e.http_status == 200]
+    charged = sum(e.total_cost_nanos for e in served)
+    assert len(served) == admitted and all(e.total_cost_nanos == actual for e in served)
     assert charged > limit  # the estimate was wrong, so some overshoot happens...
     assert charged <= limit + admitted * (actual - est)  # ...but never more than the documented bound
 
@@ -355,7 +359,7 @@ def test_redis_counters_through_the_proxy(redis_gate: Gate) -> None:
     limit = 10 * EST_NANOS
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": limit / 1e9}})
     statuses = asyncio.run(burst(gate, 100, MESSAGES, 10, latency_ms=50))
-    gate.settled(budget_id, statuses.count(200))
+    gate.settled(budget_id, len(statuses))
     charged = sum(e.total_cost_nanos for e in gate.sink.events)
     assert statuses.count(200) >= 10 and statuses.count(429) > 50 and charged <= limit
     assert gate.usage(budget_id) == {
