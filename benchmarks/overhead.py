@@ -421,6 +421,12 @@ def versions() -> dict[str, str]:
             found[dist] = version(dist)
         except Exception:
             found[dist] = "-"
+    commit = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "log", "-1", "--format=%h %cI"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    found["orq-proxy commit"] = commit or "?"
     if shutil.which("wrk"):
         first = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
         found["wrk"] = first[0].split()[1] if first else "?"
