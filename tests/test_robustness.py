@@ -39,6 +39,7 @@ from orq_proxy.testing.servers import ServerThread
 UPSTREAM_KEY = "sk-upstream-secret"
 ADMIN_KEY = "sk-robust-admin"
 CHAT = "/v1/chat/completions"
+PROXY_BODY_LIMIT = 4 * 1024 * 1024
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 FUZZ = settings(
@@ -120,6 +121,7 @@ def stack(fake_server: tuple[Any, ServerThread]) -> Iterator[Stack]:
                 "openai": {"base_url": fake_server[1].url + "/v1", "api_key": UPSTREAM_KEY, "default": True}
             },
             "api_keys": [{"key": ADMIN_KEY, "workspace": "ws", "project": "p", "admin": True}],
+            "server": {"max_body_bytes": PROXY_BODY_LIMIT},
         }
     )
     app = build_app(config)
@@ -927,10 +929,18 @@ def test_management_bodies_that_are_not_acceptable_json(
     orq_error(r, needle, status=400)
 
 
-def test_management_body_size_limit(stack: Stack) -> None:
-    """Management bodies over 1 MiB are a 413 in orq's shape (the proxied surface has its own cap)."""
-    big = json.dumps({"external_id": "big", "display_name": "x" * (1024 * 1024)})
+def test_body_size_limits(stack: Stack) -> None:
+    """Bodies over the cap are a 413 in each surface's shape, with or without a Content-Length:
+    1 MiB on the management API, `server.max_body_bytes` on the proxied surface."""
+    big = json.dumps({"external_id": "big", "display_name": "x" * (1024 * 1024)}).encode()
     orq_error(stack.call("POST", "/v2/identities", content=big), "limit", status=413)
+    orq_error(
+        stack.call("POST", "/v2/identities", content=iter([big[:1000], big[1000:]])), "limit", status=413
+    )
+    huge = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * PROXY_BODY_LIMIT}]})
+    raw = huge.encode()
+    openai_error(stack.call("POST", CHAT, content=raw), status=413)
+    openai_error(stack.call("POST", CHAT, content=iter([raw[:1000], raw[1000:]])), status=413)
 
 
 BUDGET_KINDS = {
