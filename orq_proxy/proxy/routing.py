@@ -14,7 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orq_proxy.context import get_context
 from orq_proxy.errors import openai_error
 
-__all__ = ["RoutingMiddleware"]
+__all__ = ["MAX_MODEL_CHARS", "RoutingMiddleware"]
+
+# Real model ids (provider refs, deployment names, ARNs) are far shorter.
+MAX_MODEL_CHARS = 512
 
 
 class RoutingMiddleware:
@@ -48,6 +51,16 @@ class RoutingMiddleware:
         elif not isinstance(model, str) or not model:
             response = openai_error(
                 400, "model must be a non-empty string", code="invalid_value", param="model"
+            )
+            await response(scope, receive, send)
+            return
+        elif len(model) > MAX_MODEL_CHARS:
+            # The name becomes a metrics label and part of every usage event: keep it a name.
+            response = openai_error(
+                400,
+                f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}",
+                code="invalid_value",
+                param="model",
             )
             await response(scope, receive, send)
             return
