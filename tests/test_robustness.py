@@ -402,10 +402,11 @@ def test_proxied_acceptable_edge_bodies(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize(
-    "model", [1, 1.5, True, [], ["gpt-4o"], {}, {"id": "gpt-4o"}, "", "nope/gpt-4o", "/"]
+    "model", [1, 1.5, True, [], ["gpt-4o"], {}, {"id": "gpt-4o"}, "", "nope/gpt-4o", "/", "m" * 513]
 )
 def test_proxied_model_of_wrong_type_or_provider(stack: Stack, model: Any) -> None:
-    """`model` must be a non-empty string naming a configured provider, else 400 with param `model`."""
+    """`model` must be a non-empty string (at most 512 characters: it becomes a metrics label and part of
+    every usage event) naming a configured provider, else 400 with param `model`."""
     error = openai_error(stack.call("POST", CHAT, json={"model": model, "messages": MESSAGES}), status=400)
     assert error["param"] == "model"
 
