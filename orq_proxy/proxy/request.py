@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from ulid import ULID
 
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.context import SCOPE_KEY, RequestContext
 from orq_proxy.errors import openai_error
+from orq_proxy.ids import new_request_id
 from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 
 __all__ = ["PROXY_PREFIXES", "RequestMiddleware", "product_of", "route_path"]
@@ -89,7 +89,7 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = str(ULID())
+        request_id = new_request_id()
         rid_header = (b"x-request-id", request_id.encode())
         response_started = False
 
