@@ -46,52 +46,38 @@ class RoutingMiddleware:
         ctx = get_context(scope)
         body = ctx.body
         model = body.get("model") if body is not None else None
+        problem: tuple[str, str] | None = None  # (message, code) of a 400 with param "model"
         if model is None:
             ctx.provider = self.default or sorted(self.upstreams)[0]
         elif not isinstance(model, str) or not model:
-            response = openai_error(
-                400, "model must be a non-empty string", code="invalid_value", param="model"
-            )
-            await response(scope, receive, send)
-            return
+            problem = "model must be a non-empty string", "invalid_value"
         elif len(model) > MAX_MODEL_CHARS:
             # The name becomes a metrics label and part of every usage event: keep it a name.
-            response = openai_error(
-                400,
-                f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}",
-                code="invalid_value",
-                param="model",
-            )
-            await response(scope, receive, send)
-            return
+            problem = f"model must be at most {MAX_MODEL_CHARS} characters, got {len(model)}", "invalid_value"
         else:
             prefix, slash, rest = model.partition("/")
-            if slash:
-                if prefix not in self.upstreams or not rest:
-                    response = openai_error(
-                        400,
-                        f"unknown provider {prefix!r} in model {model!r}; configured providers: {self._names}",
-                        code="unknown_provider",
-                        param="model",
-                    )
-                    await response(scope, receive, send)
-                    return
+            if slash and (prefix not in self.upstreams or not rest):
+                problem = (
+                    f"unknown provider {prefix!r} in model {model!r}; configured providers: {self._names}",
+                    "unknown_provider",
+                )
+            elif slash:
                 ctx.provider = prefix
                 ctx.model = rest
                 body["model"] = rest  # type: ignore[index]
                 ctx.body_changed = True
             elif self.default is None:
-                response = openai_error(
-                    400,
+                problem = (
                     f"model {model!r} has no provider prefix and no default upstream is configured; "
                     f"use one of: {self._names} (e.g. {sorted(self.upstreams)[0]}/{model})",
-                    code="unknown_provider",
-                    param="model",
+                    "unknown_provider",
                 )
-                await response(scope, receive, send)
-                return
             else:
                 ctx.provider = self.default
                 ctx.model = model
-            ctx.model_ref = f"{ctx.provider}/{ctx.model}"
+            if problem is None:
+                ctx.model_ref = f"{ctx.provider}/{ctx.model}"
+        if problem is not None:
+            await openai_error(400, problem[0], code=problem[1], param="model")(scope, receive, send)
+            return
         await self.app(scope, receive, send)
