@@ -125,7 +125,8 @@ def _list_query(request: Request) -> BudgetListQuery:
     limit = DEFAULT_LIMIT
     raw = _single(request, "limit")
     if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        # ASCII digits only (str.isdigit also accepts "²"), and short enough for int() to be cheap.
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIMIT:
             raise OrqAPIError(400, f"limit: must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
         limit = int(raw)
     starting_after = _single(request, "starting_after") or None

@@ -302,7 +302,10 @@ def _utc(value: datetime | None) -> datetime | None:
         return None
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
+        raise ValueError("datetime is out of range once converted to UTC") from exc
 
 
 def _check_zone(value: str | None) -> str | None:
@@ -310,7 +313,7 @@ def _check_zone(value: str | None) -> str | None:
         return None
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a tzdata folder, a huge name
         raise ValueError(f"unknown IANA time zone {value!r}") from exc
     return value
 
