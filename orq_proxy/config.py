@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "CONFIG_ENV",
     "ApiKeyConfig",
     "BudgetsConfig",
     "ConfigError",

@@ -18,7 +18,22 @@ from orq_proxy.config import ProxyConfig
 from orq_proxy.testing.fake_upstream import FakeUpstream, build_fake_upstream
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
 
-__all__ = ["STEPS", "DemoRun", "run_demo"]
+__all__ = [
+    "ADMIN_KEY",
+    "STEPS",
+    "UPSTREAM_KEY",
+    "USER_KEY",
+    "DemoRun",
+    "demo_config",
+    "run_demo",
+    "step_budget",
+    "step_chat",
+    "step_identities",
+    "step_metering",
+    "step_report",
+    "step_stream",
+    "step_unknown_provider",
+]
 
 ADMIN_KEY = "sk-demo-admin"
 USER_KEY = "sk-demo-user"

@@ -72,7 +72,19 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["FakeUpstream", "RecordedRequest", "build_fake_upstream", "count_words", "main"]
+__all__ = [
+    "DEFAULT_WORDS",
+    "EMBEDDING_DIMENSIONS",
+    "MODELS",
+    "SYSTEM_FINGERPRINT",
+    "TOKENS_PER_MESSAGE",
+    "WORDS",
+    "FakeUpstream",
+    "RecordedRequest",
+    "build_fake_upstream",
+    "count_words",
+    "main",
+]
 
 DEFAULT_WORDS = 8
 EMBEDDING_DIMENSIONS = 16
