@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -38,12 +39,9 @@ def upstream_url(fake_server: tuple[FakeUpstream, ServerThread]) -> str:
 ProxyFactory = Callable[..., tuple[OrqProxy, ServerThread]]
 
 
-@pytest.fixture
-def proxy_factory(upstream_url: str) -> Iterator[ProxyFactory]:
-    """`make(config_dict=None, **build_app_kwargs) -> (app, server)`: a real proxy on a socket.
-
-    The config gets an `openai` upstream (the fake, default) unless the dict names upstreams itself.
-    """
+@contextmanager
+def _proxies(upstream_url: str) -> Iterator[ProxyFactory]:
+    """A proxy factory whose servers all stop when the block ends."""
     servers: list[ServerThread] = []
 
     def make(config: dict[str, Any] | None = None, **kwargs: Any) -> tuple[OrqProxy, ServerThread]:
@@ -56,6 +54,25 @@ def proxy_factory(upstream_url: str) -> Iterator[ProxyFactory]:
         servers.append(server)
         return app, server
 
-    yield make
-    for server in servers:
-        server.stop()
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def proxy_factory(upstream_url: str) -> Iterator[ProxyFactory]:
+    """`make(config_dict=None, **build_app_kwargs) -> (app, server)`: a real proxy on a socket.
+
+    The config gets an `openai` upstream (the fake, default) unless the dict names upstreams itself.
+    """
+    with _proxies(upstream_url) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_proxy_factory(fake_server: tuple[FakeUpstream, ServerThread]) -> Iterator[ProxyFactory]:
+    """`proxy_factory` for one test module: for proxies shared by tests that never change state."""
+    with _proxies(fake_server[1].url + "/v1") as make:
+        yield make

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,14 +12,12 @@ import pytest
 from orq_ai_sdk import Orq
 from orq_ai_sdk.models import APIDefaultError, BudgetAlert, ErrorResponse
 
-from orq_proxy.app import OrqProxy, build_app
+from orq_proxy.app import OrqProxy
 from orq_proxy.budgets.counters import InMemoryCounters, Reservation
 from orq_proxy.budgets.store import InMemoryBudgetStore
-from orq_proxy.config import ProxyConfig
 from orq_proxy.testing.clock import FakeClock
-from orq_proxy.testing.servers import ServerThread, serve_in_thread
+from orq_proxy.testing.servers import ServerThread
 
-UPSTREAM_KEY = "sk-upstream-secret"
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN_A = "sk-admin-a"
 ADMIN_B = "sk-admin-b"
@@ -50,17 +48,9 @@ def server(proxy: tuple[OrqProxy, ServerThread]) -> ServerThread:
 
 
 @pytest.fixture(scope="module")
-def shared_server(fake_server: tuple[Any, ServerThread]) -> Iterator[ServerThread]:
+def shared_server(module_proxy_factory: Callable[..., tuple[OrqProxy, ServerThread]]) -> ServerThread:
     """One proxy for the validation cases that never change state."""
-    config = ProxyConfig.model_validate(
-        {
-            "api_keys": KEYS,
-            "notifiers": NOTIFIERS,
-            "upstreams": {"openai": {"base_url": fake_server[1].url + "/v1", "api_key": UPSTREAM_KEY}},
-        }
-    )
-    with serve_in_thread(build_app(config, clock=FakeClock(START))) as server:
-        yield server
+    return module_proxy_factory({"api_keys": KEYS, "notifiers": NOTIFIERS}, clock=FakeClock(START))[1]
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,14 +11,12 @@ import pytest
 from orq_ai_sdk import Orq
 from orq_ai_sdk.models import APIDefaultError, ErrorResponse
 
-from orq_proxy.app import OrqProxy, build_app
-from orq_proxy.config import ProxyConfig
+from orq_proxy.app import OrqProxy
 from orq_proxy.identities.metrics import IdentityMetrics
 from orq_proxy.metering.events import UsageEvent
 from orq_proxy.testing.clock import FakeClock
-from orq_proxy.testing.servers import ServerThread, serve_in_thread
+from orq_proxy.testing.servers import ServerThread
 
-UPSTREAM_KEY = "sk-upstream-secret"
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ADMIN_A = "sk-admin-a"
 ADMIN_B = "sk-admin-b"
@@ -47,16 +45,9 @@ def server(proxy: tuple[OrqProxy, ServerThread]) -> ServerThread:
 
 
 @pytest.fixture(scope="module")
-def shared_server(fake_server: tuple[Any, ServerThread]) -> Iterator[ServerThread]:
+def shared_server(module_proxy_factory: Callable[..., tuple[OrqProxy, ServerThread]]) -> ServerThread:
     """One proxy for the many validation cases that never change state."""
-    config = ProxyConfig.model_validate(
-        {
-            "api_keys": KEYS,
-            "upstreams": {"openai": {"base_url": fake_server[1].url + "/v1", "api_key": UPSTREAM_KEY}},
-        }
-    )
-    with serve_in_thread(build_app(config, clock=FakeClock(START))) as server:
-        yield server
+    return module_proxy_factory({"api_keys": KEYS}, clock=FakeClock(START))[1]
 
 
 @pytest.fixture
