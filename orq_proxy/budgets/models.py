@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from orq_proxy.metering.events import NANOS_PER_USD
 from orq_proxy.metering.pricing import usd_to_nanos
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
 
 ALERT_DIMENSION_COST = "BUDGET_ALERT_DIMENSION_COST"
 ALERT_DIMENSION_TOKENS = "BUDGET_ALERT_DIMENSION_TOKENS"
-_NANOS_PER_USD = 1_000_000_000
 # The largest amount accepted, in USD: keeps nano-USD inside a signed 64-bit integer (for Redis/SQL backends).
 MAX_AMOUNT_USD = 9_000_000_000.0
 MAX_COUNT = 2**62
@@ -401,7 +401,7 @@ def amount_to_nanos(amount: float | None) -> int | None:
 
 def nanos_to_usd(nanos: int) -> float:
     """Integer nano-USD -> USD float, rounded to 10 decimals."""
-    return round(nanos / _NANOS_PER_USD, 10)
+    return round(nanos / NANOS_PER_USD, 10)
 
 
 def format_time(value: datetime) -> str:
