@@ -64,6 +64,11 @@ def test_utc_windows(period: Period, now: datetime, start: datetime, end: dateti
         (Period.YEARLY, utc(2026, 1, 1, 3), "America/New_York", utc(2025, 1, 1, 5), utc(2026, 1, 1, 5)),
         # a DST day is 23 hours long
         (Period.DAILY, utc(2026, 3, 8, 12), "America/New_York", utc(2026, 3, 8, 5), utc(2026, 3, 9, 4)),
+        # Santiago moves its clocks at midnight: a skipped midnight starts the day at 01:00 local (-03),
+        # a repeated hour makes the day before 25 hours long and midnight happens once, at -04
+        (Period.DAILY, utc(2024, 9, 8, 3, 59), "America/Santiago", utc(2024, 9, 7, 4), utc(2024, 9, 8, 4)),
+        (Period.DAILY, utc(2024, 9, 8, 4), "America/Santiago", utc(2024, 9, 8, 4), utc(2024, 9, 9, 3)),
+        (Period.DAILY, utc(2024, 4, 7, 3, 30), "America/Santiago", utc(2024, 4, 6, 3), utc(2024, 4, 7, 4)),
         # east of UTC: Monday in Tokyo starts on Sunday 15:00 UTC
         (Period.WEEKLY, utc(2026, 1, 4, 16), "Asia/Tokyo", utc(2026, 1, 4, 15), utc(2026, 1, 11, 15)),
         (Period.ONE_TIME, utc(2026, 1, 4, 16), "Asia/Tokyo", ONE_TIME_START, None),
