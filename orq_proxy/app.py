@@ -48,7 +48,7 @@ from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 
-__all__ = ["OrqProxy", "build_app", "keyring_from_config"]
+__all__ = ["Hook", "OrqProxy", "build_app", "keyring_from_config"]
 
 logger = logging.getLogger(__name__)
 

@@ -216,10 +216,13 @@ class SqliteIdentityStore:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn()
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # A failed COMMIT (busy, disk full) leaves the transaction open; close it so the next
+            # BEGIN on this connection works.
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
         return result
 
     def _create_sync(self, workspace: str, external_id: str, fields: IdentityFields) -> Identity:

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 from orq_proxy.context import RequestContext, get_context
 from orq_proxy.errors import openai_error
 
-__all__ = ["UpstreamApp", "UpstreamStreamError", "UpstreamTarget", "targets_from_config"]
+__all__ = ["WATCH_AFTER", "UpstreamApp", "UpstreamStreamError", "UpstreamTarget", "targets_from_config"]
 
 logger = logging.getLogger(__name__)
 

@@ -131,8 +131,10 @@ class DuckDBEventStore:
         return cls(parse_events_url(url))
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor for the calling thread (DuckDB cursors are per-thread handles on one database)."""
-        return self._conn.cursor()
+        """A cursor for the calling thread (DuckDB cursors are per-thread handles on one database).
+        Made under the insert lock: the shared connection object is only ever touched by one thread."""
+        with self._lock:
+            return self._conn.cursor()
 
     def insert(self, events: Sequence[UsageEvent]) -> None:
         """Append events (blocking; call it from a worker thread)."""
