@@ -25,7 +25,8 @@ load generator and the fake upstream to the other CPUs.
     python benchmarks/compare.py --targets direct,minimal,orq-full,orq-bare
 
 Figures per target and case: req/s, p50/p95/p99, TTFB p50 (streams, c=1), the target's CPU ms per request
-and peak RSS, each as a ratio to `minimal` from the same run. Writes a Markdown table, JSON rows and a PNG.
+and peak RSS, each as a ratio to `minimal` from the same run. Writes a Markdown table, JSON rows and a PNG
+(default `benchmarks/results/compare.{md,json,png}`).
 """
 
 from __future__ import annotations
@@ -710,7 +711,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quiet-cores", type=float, default=0.25)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--peers-dir", default="/tmp/orq-bench-peers")
-    parser.add_argument("--out", default=str(HERE / "compare"), help="writes OUT.md, OUT.json, OUT.png")
+    parser.add_argument(
+        "--out", default=str(HERE / "results" / "compare"), help="writes OUT.md, OUT.json, OUT.png"
+    )
     parser.add_argument("--serve-orq", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--without", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
