@@ -227,16 +227,20 @@ class UpstreamApp:
             content = _serialize(ctx.body)
         session = self.session
         try:
-            async with asyncio.timeout(target.headers_timeout):
-                response = await session.request(
-                    ctx.method,
-                    yarl.URL(url, encoded=True),
-                    headers=headers,
-                    data=content or None,
-                    allow_redirects=False,
-                    timeout=self._timeouts[provider],
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
-                )
+            request = session.request(
+                ctx.method,
+                yarl.URL(url, encoded=True),
+                headers=headers,
+                data=content or None,
+                allow_redirects=False,
+                timeout=self._timeouts[provider],
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+            )
+            if target.headers_timeout < target.read_timeout:
+                async with asyncio.timeout(target.headers_timeout):
+                    response = await request
+            else:  # aiohttp's sock_read already bounds the wait for the headers: no extra timer
+                response = await request
         except (TimeoutError, aiohttp.ClientError) as exc:
             status, message = _upstream_failure(exc)
             ctx.upstream_error = message

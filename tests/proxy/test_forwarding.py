@@ -185,11 +185,20 @@ def test_unreachable_upstream_is_502(client_for: ClientFactory, proxy_factory: A
     assert isinstance(info.value.body, dict) and "unreachable" in info.value.body["message"]
 
 
+@pytest.mark.parametrize("read_timeout", [600.0, 0.3])
 def test_slow_upstream_headers_is_504(
-    client_for: ClientFactory, upstream_url: str, proxy_factory: Any, fake: FakeUpstream
+    client_for: ClientFactory, upstream_url: str, proxy_factory: Any, fake: FakeUpstream, read_timeout: float
 ) -> None:
-    """No response headers within `headers_timeout` is a 504."""
-    ups = {"openai": {"base_url": upstream_url, "api_key": "sk-upstream-secret", "headers_timeout": 0.3}}
+    """No response headers within `headers_timeout` is a 504 (its own timer, or aiohttp's read timeout
+    when the two are equal)."""
+    ups = {
+        "openai": {
+            "base_url": upstream_url,
+            "api_key": "sk-upstream-secret",
+            "headers_timeout": 0.3,
+            "read_timeout": read_timeout,
+        }
+    }
     _, server = proxy_factory({"upstreams": ups})
     start = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
