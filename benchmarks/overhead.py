@@ -284,7 +284,6 @@ _BUCKETS: list[tuple[str, str]] = [
     ("orq_proxy/app.py", "orq_proxy app dispatch"),
     ("orq_proxy/errors.py", "orq_proxy (other)"),
     ("orq_proxy/context.py", "orq_proxy (other)"),
-    ("httpx_aiohttp/", "httpx-aiohttp transport"),
     ("httpx/", "httpx"),
     ("httpcore/", "httpcore"),
     ("aiohttp/", "aiohttp client"),
@@ -413,8 +412,6 @@ def versions() -> dict[str, str]:
         "uvicorn",
         "uvloop",
         "httptools",
-        "httpx",
-        "httpx-aiohttp",
         "aiohttp",
     ):
         try:
