@@ -2,7 +2,9 @@
 
 Targets, each started on loopback and driven with the same load:
 - `direct`: the fake upstream itself (the physical limit here);
-- `minimal`: the minimal Starlette + aiohttp pass-through proxy from `overhead.py` (the floor for a proxy);
+- `minimal`: the minimal Starlette + aiohttp pass-through proxy from `overhead.py` (the floor for a proxy),
+  on Python's default GC settings, like any plain proxy; `minimal-gc`: the same with the GC tuning that
+  `orq-proxy serve` applies after startup (`[server] gc_threshold`), to show what that tuning alone is worth;
 - `orq-full`: orq-proxy with everything on: identity from the body (`orq.identity`, upserted), a matching
   identity budget (reserve + settle on every request), metering into the in-memory DuckDB event store;
 - `orq-no-<layer>`: the same with one layer replaced by a pass-through (identity, budget, metering), and
@@ -52,6 +54,8 @@ import overhead
 from _load import LoadResult
 from overhead import Layout, Target
 
+from orq_proxy.config import ServerConfig
+
 HERE = Path(__file__).resolve().parent
 API_KEY = "sk-bench-0123456789abcdef"
 UPSTREAM_KEY = "sk-upstream"
@@ -71,7 +75,9 @@ ORQ_VARIANTS = {
     "orq-no-metering": ("metering",),
     "orq-bare": ("identity", "budget", "metering"),
 }
-ALL_TARGETS = ["direct", "minimal", *ORQ_VARIANTS, "litellm", "portkey"]
+# `minimal-gc`: the minimal proxy with the GC tuning `orq-proxy serve` applies (`[server] gc_threshold`).
+GC_THRESHOLD = ServerConfig().gc_threshold
+ALL_TARGETS = ["direct", "minimal", "minimal-gc", *ORQ_VARIANTS, "litellm", "portkey"]
 
 
 def bodies(target: str, stream: bool) -> bytes:
@@ -108,14 +114,13 @@ class _Passthrough:
 
 
 def serve_orq(config_path: str, without: Sequence[str]) -> None:
-    """Run orq-proxy like `orq-proxy serve`, with the named layers replaced by pass-throughs.
+    """Run orq-proxy as `orq-proxy serve` does (`run_server`), with the named layers replaced by pass-throughs.
 
     `build_app` looks the middleware classes up in `orq_proxy.app` when it runs, so swapping the names
     there removes a layer without touching the package.
     """
-    import uvicorn
-
     import orq_proxy.app as app_module
+    from orq_proxy.cli import run_server
     from orq_proxy.config import load_config
 
     for layer in without:
@@ -124,17 +129,7 @@ def serve_orq(config_path: str, without: Sequence[str]) -> None:
             raise SystemExit(f"orq_proxy.app has no {name}: cannot turn the {layer} layer off")
         setattr(app_module, name, _Passthrough)
     config = load_config(config_path)
-    app = app_module.build_app(config)
-    uvicorn.run(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-    )
+    run_server(app_module.build_app(config), log_level="warning")
 
 
 def orq_config(path: Path, port: int, upstream: str) -> None:
@@ -302,7 +297,7 @@ def start_targets(
                 )
             )
             continue
-        if name == "minimal":
+        if name in ("minimal", "minimal-gc"):
             cmd = [
                 sys.executable,
                 str(HERE / "overhead.py"),
@@ -311,6 +306,8 @@ def start_targets(
                 str(port),
                 "--upstream",
                 upstream,
+                "--gc-threshold",
+                str(GC_THRESHOLD if name == "minimal-gc" else 0),
             ]
             probe = "/v1/models"
         elif name in ORQ_VARIANTS:

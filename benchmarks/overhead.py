@@ -51,18 +51,23 @@ BODIES = {
     "stream": {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
 }
 PATH = "/v1/chat/completions"
+# The minimal proxy runs on Python's GC defaults (0); compare.py's `minimal-gc` passes orq-proxy's tuning.
+MINIMAL_GC_THRESHOLD = 0
 
 
 # --- the minimal pass-through proxy (the baseline) ---------------------------------------------------
 
 
-def minimal_app(upstream: str) -> Any:
+def minimal_app(upstream: str, gc_threshold: int = 0) -> Any:
     """Starlette + one pooled aiohttp ClientSession; forwards `/v1/*` and streams event streams back.
 
     No features at all: it drops hop-by-hop headers, copies the rest, reads JSON answers whole (cheaper
-    than streaming them) and streams `text/event-stream` answers chunk by chunk.
+    than streaming them) and streams `text/event-stream` answers chunk by chunk. With `gc_threshold` it
+    tunes the garbage collector after startup as `orq-proxy serve` does (compare.py's `minimal-gc`); by
+    default it runs on Python's defaults, like any plain proxy.
     """
     import contextlib
+    import gc
 
     import aiohttp
     from starlette.applications import Starlette
@@ -79,6 +84,11 @@ def minimal_app(upstream: str) -> Any:
         state["session"] = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
+        if gc_threshold:  # what orq_proxy.app.tune_gc does, written out so this file stays standalone
+            gc.collect()
+            gc.freeze()
+            _, second, third = gc.get_threshold()
+            gc.set_threshold(gc_threshold, second, third)
         yield
         await state["session"].close()
 
@@ -108,11 +118,11 @@ def minimal_app(upstream: str) -> Any:
     return Starlette(routes=[Route("/v1/{path:path}", forward, methods=methods)], lifespan=lifespan)
 
 
-def serve_minimal(port: int, upstream: str) -> None:
+def serve_minimal(port: int, upstream: str, gc_threshold: int = MINIMAL_GC_THRESHOLD) -> None:
     import uvicorn
 
     uvicorn.run(
-        minimal_app(upstream.rstrip("/")),
+        minimal_app(upstream.rstrip("/"), gc_threshold),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
@@ -604,9 +614,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--serve-minimal", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-threshold", type=int, default=MINIMAL_GC_THRESHOLD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_minimal:
-        serve_minimal(args.port, args.upstream)
+        serve_minimal(args.port, args.upstream, args.gc_threshold)
         return
     # SIGTERM unwinds like Ctrl-C, so the servers this script started are stopped by `run`'s finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -6,18 +6,17 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from orq_proxy.config import ConfigError, load_config
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from orq_proxy.app import OrqProxy
+
+__all__ = ["main", "run_server"]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError:  # pragma: no cover - uvicorn is a dependency; this guards stripped installs
-        print("orq-proxy serve needs uvicorn: pip install 'uvicorn[standard]'", file=sys.stderr)
-        return 2
     from orq_proxy.app import build_app
 
     try:
@@ -27,6 +26,29 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"orq-proxy: {exc}", file=sys.stderr)
         return 2
+    run_server(app, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def run_server(app: OrqProxy, *, log_level: str = "info", access_log: bool = False) -> None:
+    """Serve a built proxy the way `orq-proxy serve` does: uvicorn (uvloop and httptools when installed)
+    on `[server] host/port`, and the garbage collector tuned after startup (`[server] gc_threshold`)."""
+    import uvicorn
+
+    from orq_proxy.app import tune_gc, untune_gc
+
+    config = app.config
+    threshold = config.server.gc_threshold
+    if threshold:
+
+        async def gc_after_startup() -> None:
+            tune_gc(threshold)
+
+        async def gc_at_shutdown() -> None:
+            untune_gc()
+
+        app.on_startup(gc_after_startup)
+        app.on_shutdown(gc_at_shutdown)
     kwargs: dict[str, object] = {}
     try:
         import uvloop  # noqa: F401
@@ -45,11 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
         host=config.server.host,
         port=config.server.port,
         lifespan="on",
-        access_log=args.access_log,
-        log_level=args.log_level,
+        access_log=access_log,
+        log_level=log_level,
         **kwargs,  # type: ignore[arg-type]
     )
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -45,6 +45,12 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Request bodies above this get 413.")
+    gc_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="`orq-proxy serve` only: after startup, freeze what startup allocated and collect the "
+        "youngest objects every this many allocations (Python's default is 700). 0: leave the GC alone.",
+    )
 
 
 class UpstreamConfig(_Section):

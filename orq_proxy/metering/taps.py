@@ -47,6 +47,7 @@ _TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplet
 # occurs exactly once in the chunk.
 _USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _USAGE_NULL_FIRST = re.compile(rb'(?<=\{)\s*"usage"\s*:\s*null\s*(,\s*)?')
+_USAGE_NULL_COMPACT = b',"usage":null}'  # how OpenAI ends every chunk of a stream that includes usage
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]*)"')
 _DECODER = json.JSONDecoder()
@@ -57,7 +58,7 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # Generated text in a chunk: chat `content`/`refusal`/`reasoning_content`, tool `arguments`, legacy
 # `text`, Responses `delta`. Escapes count as their escaped length (close enough for an estimate).
 _TEXT = re.compile(rb'"(?:content|text|delta|arguments|refusal|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_PARSE_FIRST = 3  # data lines always parsed at the start of a stream (model, shape)
+_PARSE_FIRST = 1  # data lines always parsed at the start of a stream (the model that answers)
 
 
 @dataclass(slots=True, frozen=True)
@@ -222,7 +223,13 @@ class SSETap:
             chunk = self._tail + chunk
             self._tail = b""
         start = 0
+        bulk = True
         while True:
+            if bulk and not self._passthrough:
+                stop = self._plain_end(chunk, start)
+                if stop > start:
+                    self._bulk_observe(chunk, start, stop)
+                    start = stop
             end = chunk.find(b"\n", start)
             if end < 0:
                 break
@@ -255,7 +262,22 @@ class SSETap:
             chunk = self._tail + chunk
             self._tail = b""
         start = 0
+        bulk = True
         while True:
+            if bulk and not self._passthrough and not self._drop_blank:
+                stop = self._plain_end(chunk, start)
+                if stop > start:
+                    region = chunk[start:stop]
+                    if not self.hide_usage:
+                        self._bulk_observe(chunk, start, stop)
+                        out.append(region)
+                        start = stop
+                    elif self._only_usage_null(region):
+                        self._bulk_observe(chunk, start, stop)
+                        out.append(region.replace(_USAGE_NULL_COMPACT, b"}"))
+                        start = stop
+                    else:  # `"usage"` in an unusual form: line by line for the rest of this chunk
+                        bulk = False
             end = chunk.find(b"\n", start)
             if end < 0:
                 break
@@ -285,7 +307,7 @@ class SSETap:
                 out.append(rest)
             else:
                 self._tail = rest
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _rewrite_line(self, raw: bytes) -> bytes | None:
         """The line to forward (None = drop it). `raw` has no `\\n`; it may end with `\\r`."""
@@ -310,6 +332,44 @@ class SSETap:
             self._drop_blank = True
             return None
         return raw
+
+    # -- the bulk path -----------------------------------------------------------------------------
+    # Most of a stream is content chunks that only add generated text. Whole lines that cannot matter (no
+    # `usage` object, error, Responses event or `[DONE]`, after the first parsed line) are read together:
+    # a few C-level scans count their data lines and measure their text, and rewriting removes their
+    # `"usage":null` with one `bytes.replace`. Only the lines that matter are read one by one.
+    def _plain_end(self, chunk: bytes, start: int) -> int:
+        """The end (just after a newline) of the run of whole plain lines at `chunk[start:]`; `start` when
+        there is none (or while the first lines must still be parsed)."""
+        if self._parsed < _PARSE_FIRST:
+            return start
+        stop = chunk.rfind(b"\n", start) + 1
+        if stop <= start:
+            return start
+        match = _INTEREST.search(chunk, start, stop)
+        first = match.start() if match is not None else stop
+        done = chunk.find(_DONE, start, first)
+        if done >= 0:
+            first = done
+        if first < stop:  # stop before the line that holds it
+            stop = chunk.rfind(b"\n", start, first) + 1
+        return max(stop, start)
+
+    def _bulk_observe(self, chunk: bytes, start: int, stop: int) -> None:
+        self.events += chunk.count(b"\n" + _DATA, start, stop - 1) + chunk.startswith(_DATA, start)
+        self.output_bytes += _fast_text_bytes(chunk[start:stop])
+
+    @staticmethod
+    def _only_usage_null(region: bytes) -> bool:
+        """Every data line of these whole lines ends with its own compact `,"usage":null}` and holds no
+        other `"usage"` (how OpenAI sends each chunk of a stream that includes usage), so one
+        `bytes.replace` removes exactly what the line-by-line rewrite would."""
+        usages = region.count(b'"usage"')
+        if not usages:
+            return True
+        lines = region.count(b"\n" + _DATA) + region.startswith(_DATA)
+        at_end = region.count(_USAGE_NULL_COMPACT + b"\n") + region.count(_USAGE_NULL_COMPACT + b"\r\n")
+        return usages == lines == at_end
 
     # -- parsing -----------------------------------------------------------------------------------
     def _observe(self, raw: bytes) -> Any:

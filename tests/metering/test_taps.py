@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orq_proxy.metering.pricing import TokenUsage
 from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap, output_text_bytes, parse_usage
@@ -410,3 +412,72 @@ def test_json_tap_empty_chunks_ignored() -> None:
     tap.feed(b"")
     tap.close()
     assert (tap.size, tap.overflowed, tap.usage) == (0, False, None)
+
+
+# -- the bulk path: whole runs of plain lines read together must match the line-by-line reader ---------
+class LineByLineTap(SSETap):
+    """The reference: the same tap with the bulk path turned off."""
+
+    __slots__ = ()
+
+    def _plain_end(self, chunk: bytes, start: int) -> int:
+        return start
+
+
+_LINES = {
+    "content": b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"w\\"x"}}]%s}',
+    "nested_null": b'data: {"id":"c","choices":[{"delta":{"content":"a"},"x":{"b":1,"usage":null}}]%s}',
+    "spaced": b'data: {"id":"c","choices":[{"delta":{"content":"b"}}], "usage" : null }',
+    "tool": b'data: {"choices":[{"delta":{"tool_calls":[{"type":"function","function":{"arguments":"{}"}}]}}]%s}',
+    "error": b'data: {"error":{"message":"overloaded"}}',
+    "usage": b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}',
+    "comment": b": keep-alive",
+    "event": b"event: message",
+    "done": b"data: [DONE]",
+    "blank": b"",
+}
+
+
+@pytest.mark.parametrize("hide", [True, False])
+@given(
+    kinds=st.lists(st.sampled_from(sorted(_LINES)), min_size=1, max_size=30),
+    usage_null=st.booleans(),
+    crlf=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=6),
+)
+@settings(max_examples=300, deadline=None)
+def test_bulk_path_matches_line_by_line(
+    hide: bool, kinds: list[str], usage_null: bool, crlf: bool, cuts: list[int]
+) -> None:
+    """However a stream is cut into chunks, the bulk path forwards the same bytes and reads the same
+    usage, model, events, errors and end as reading every line on its own (text counts may only differ
+    on lines mixing text keys, which these streams keep apart)."""
+    eol = b"\r\n" if crlf else b"\n"
+    first = b'data: {"id":"c","model":"gpt-4o","choices":[{"delta":{"role":"assistant"}}]%s}'
+    lines = [first] + [_LINES[k] for k in kinds]
+    body = b"".join(
+        (line % (b',"usage":null' if usage_null else b"") if b"%s" in line else line) + eol + eol
+        for line in lines
+    )
+    bounds = sorted({min(c, len(body)) for c in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *bounds], [*bounds, len(body)], strict=True)]
+    results = []
+    for cls in (SSETap, LineByLineTap):
+        tap = cls(hide_usage=hide)
+        if hide:
+            out = b"".join(tap.rewrite(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces))
+        else:
+            for p in pieces:
+                tap.feed(p)
+            tap.close()
+            out = body
+        results.append((out, tap.usage, tap.model, tap.events, tap.error, tap.done, tap.output_bytes))
+    assert results[0] == results[1]
+
+
+def test_bulk_rewrite_of_a_whole_openai_stream_in_one_chunk() -> None:
+    """A whole include_usage stream arriving in one read is rewritten to the stream without usage."""
+    with_usage = sse(*long_stream(30, usage_null=True), chunk(choices=[], usage=CHAT_USAGE))
+    tap = SSETap(hide_usage=True)
+    assert tap.rewrite(with_usage, final=True) == sse(*long_stream(30, usage_null=False))
+    assert tap.usage == CHAT_EXPECTED and tap.done and tap.events == 34
