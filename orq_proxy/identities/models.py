@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypedDict
@@ -205,11 +205,14 @@ def normalize_fields(fields: Mapping[str, Any]) -> IdentityFields:
     return out
 
 
-def apply_fields(record: Identity, fields: IdentityFields, updated: str) -> Identity | None:
+def apply_fields(
+    record: Identity, fields: IdentityFields, updated: str | Callable[[], str]
+) -> Identity | None:
     """The record with `fields` applied and `updated` set, or None when nothing would change.
 
     Allocates nothing when nothing changed: the hot path upserts on every request that carries an
-    identity, and most of those repeat what the record already says.
+    identity, and most of those repeat what the record already says. `updated` may be a callable, called
+    only when something changes (formatting the time is most of an unchanged upsert's cost otherwise).
     """
     changed = False
     for key, value in fields.items():
@@ -218,6 +221,8 @@ def apply_fields(record: Identity, fields: IdentityFields, updated: str) -> Iden
             break
     if not changed:
         return None
+    if callable(updated):
+        updated = updated()
     display_name = fields.get("display_name", record.display_name)
     email = fields.get("email", record.email)
     return Identity(

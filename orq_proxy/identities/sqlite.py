@@ -234,6 +234,9 @@ class SqliteIdentityStore:
 
         return self._transaction(create)
 
+    def _timestamp(self) -> str:
+        return format_timestamp(self._clock.now())
+
     def _apply_sync(self, where: str, args: tuple[str, str], fields: IdentityFields) -> Identity | None:
         record = self._select_one(where, *args)
         if record is None or not fields:
@@ -245,7 +248,7 @@ class SqliteIdentityStore:
             current = self._select_one(where, *args)  # re-read under the write lock
             if current is None:
                 return None
-            updated = apply_fields(current, fields, format_timestamp(self._clock.now()))
+            updated = apply_fields(current, fields, self._timestamp)
             if updated is None:
                 return current
             self._write(updated, current)
@@ -263,7 +266,7 @@ class SqliteIdentityStore:
             current = self._select_one(where, workspace, external_id)
             if current is None:
                 return self._insert(workspace, external_id, fields)
-            updated = apply_fields(current, fields, format_timestamp(self._clock.now())) if fields else None
+            updated = apply_fields(current, fields, self._timestamp) if fields else None
             if updated is None:
                 return current
             self._write(updated, current)

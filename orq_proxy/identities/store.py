@@ -360,6 +360,9 @@ class InMemoryIdentityStore:
         ws = self._workspaces.get(workspace)
         return len(ws.by_id) if ws else 0
 
+    def _timestamp(self) -> str:
+        return format_timestamp(self._clock.now())
+
     def _workspace(self, workspace: str) -> _Workspace:
         ws = self._workspaces.get(workspace)
         if ws is None:
@@ -402,7 +405,7 @@ class InMemoryIdentityStore:
     def _apply(self, ws: _Workspace, record: Identity, fields: IdentityFields) -> Identity:
         if not fields:
             return record
-        updated = apply_fields(record, fields, format_timestamp(self._clock.now()))
+        updated = apply_fields(record, fields, self._timestamp)
         if updated is None:
             return record
         ws.replace(record, updated)

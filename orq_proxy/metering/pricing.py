@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal
 
-from cachetools import LRUCache
-
 __all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "usd_to_nanos"]
 
 logger = logging.getLogger(__name__)
@@ -21,6 +19,7 @@ _NANOS = Decimal(1_000_000_000)
 _PER_MTOK = Decimal(1_000_000)
 _ATTO = Decimal(10) ** 18
 _ATTO_PER_NANO = 1_000_000_000
+_CACHE_MAX = 4096  # (provider, model) pairs whose rates are kept
 
 
 def usd_to_nanos(usd: Decimal | float | int) -> int:
@@ -104,12 +103,18 @@ class Pricer:
                 cached_input=Decimal(str(cached)) / _PER_MTOK if cached is not None else i,
                 source="override",
             )
-        self._cache: LRUCache[tuple[str | None, str], _Rates | None] = LRUCache(maxsize=4096)
+        # A plain dict (lookups on the hot path, twice per request), emptied when it reaches the bound:
+        # model names come from clients, so their number is not ours to choose.
+        self._cache: dict[tuple[str | None, str], _Rates | None] = {}
 
     def _rates(self, provider: str | None, model: str) -> _Rates | None:
         key = (provider, model)
-        if key in self._cache:
+        try:
             return self._cache[key]
+        except KeyError:
+            pass
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
         rates = self._overrides.get(f"{provider}/{model}" if provider else model) or self._overrides.get(
             model
         )

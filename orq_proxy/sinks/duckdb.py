@@ -74,7 +74,9 @@ def parse_events_url(url: str) -> str:
 
 def event_row(event: UsageEvent) -> tuple[Any, ...]:
     """The event as a row in `EVENT_COLUMNS` order."""
-    ts = event.timestamp.astimezone(UTC).replace(tzinfo=None)
+    ts = event.timestamp
+    ts = (ts if ts.tzinfo is UTC else ts.astimezone(UTC)).replace(tzinfo=None)
+    metadata = event.metadata
     return (
         event.event_id,
         ts,
@@ -83,7 +85,7 @@ def event_row(event: UsageEvent) -> tuple[Any, ...]:
         event.api_key_id,
         event.identity,
         event.identity_source,
-        list(event.identity_tags),
+        event.identity_tags,
         event.provider,
         event.model,
         event.product,
@@ -108,7 +110,7 @@ def event_row(event: UsageEvent) -> tuple[Any, ...]:
         event.usage_source,
         event.usage_note,
         event.price_source,
-        json.dumps(event.metadata, separators=(",", ":")),
+        json.dumps(metadata, separators=(",", ":")) if metadata else "{}",
     )
 
 
