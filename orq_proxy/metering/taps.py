@@ -223,9 +223,8 @@ class SSETap:
             chunk = self._tail + chunk
             self._tail = b""
         start = 0
-        bulk = True
         while True:
-            if bulk and not self._passthrough:
+            if not self._passthrough:
                 stop = self._plain_end(chunk, start)
                 if stop > start:
                     self._bulk_observe(chunk, start, stop)
