@@ -227,7 +227,7 @@ class SSETap:
             if not self._passthrough:
                 stop = self._plain_end(chunk, start)
                 if stop > start:
-                    self._bulk_observe(chunk, start, stop)
+                    self._bulk_observe(chunk[start:stop])
                     start = stop
             end = chunk.find(b"\n", start)
             if end < 0:
@@ -268,11 +268,11 @@ class SSETap:
                 if stop > start:
                     region = chunk[start:stop]
                     if not self.hide_usage:
-                        self._bulk_observe(chunk, start, stop)
+                        self._bulk_observe(region)
                         out.append(region)
                         start = stop
                     elif self._only_usage_null(region):
-                        self._bulk_observe(chunk, start, stop)
+                        self._bulk_observe(region)
                         out.append(region.replace(_USAGE_NULL_COMPACT, b"}"))
                         start = stop
                     else:  # `"usage"` in an unusual form: line by line for the rest of this chunk
@@ -354,9 +354,10 @@ class SSETap:
             stop = chunk.rfind(b"\n", start, first) + 1
         return max(stop, start)
 
-    def _bulk_observe(self, chunk: bytes, start: int, stop: int) -> None:
-        self.events += chunk.count(b"\n" + _DATA, start, stop - 1) + chunk.startswith(_DATA, start)
-        self.output_bytes += _fast_text_bytes(chunk[start:stop])
+    def _bulk_observe(self, region: bytes) -> None:
+        """Count the data lines and the text of a run of whole plain lines."""
+        self.events += region.count(b"\n" + _DATA) + region.startswith(_DATA)
+        self.output_bytes += _fast_text_bytes(region)
 
     @staticmethod
     def _only_usage_null(region: bytes) -> bool:
