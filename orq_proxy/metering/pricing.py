@@ -8,7 +8,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "usd_to_nanos"]
 
@@ -28,10 +28,10 @@ def usd_to_nanos(usd: Decimal | float | int) -> int:
     return int((value * _NANOS).to_integral_value(ROUND_HALF_EVEN))
 
 
-@dataclass(slots=True, frozen=True)
-class TokenUsage:
+class TokenUsage(NamedTuple):
     """Token counts of one call. `input_tokens` includes `cached_input_tokens`; `output_tokens` includes
-    `reasoning_tokens` (OpenAI's convention)."""
+    `reasoning_tokens` (OpenAI's convention). A named tuple: immutable, and built several times per
+    request (a frozen dataclass costs 4x as much to build)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -45,10 +45,9 @@ class TokenUsage:
         return self.input_tokens + self.output_tokens
 
 
-@dataclass(slots=True, frozen=True)
-class Cost:
+class Cost(NamedTuple):
     """A call's cost in nano-USD. `input_nanos` includes `cached_nanos`; `output_nanos` includes
-    `reasoning_nanos`; `total_nanos = input_nanos + output_nanos`."""
+    `reasoning_nanos`; `total_nanos = input_nanos + output_nanos`. A named tuple, like `TokenUsage`."""
 
     input_nanos: int = 0
     output_nanos: int = 0

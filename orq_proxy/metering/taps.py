@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from orq_proxy.metering.pricing import TokenUsage
 
@@ -61,8 +60,7 @@ _TEXT = re.compile(rb'"(?:content|text|delta|arguments|refusal|reasoning_content
 _PARSE_FIRST = 1  # data lines always parsed at the start of a stream (the model that answers)
 
 
-@dataclass(slots=True, frozen=True)
-class ReportedUsage:
+class ReportedUsage(NamedTuple):
     """Usage as the upstream reported it: the token counts, and its `total_tokens` (or their sum)."""
 
     tokens: TokenUsage
@@ -76,11 +74,6 @@ def _count(value: Any) -> int:
     return 0
 
 
-def _details(usage: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = usage.get(key)
-    return value if isinstance(value, Mapping) else {}
-
-
 def parse_usage(usage: Any) -> ReportedUsage | None:
     """A `usage` object in any OpenAI shape -> `ReportedUsage`, or None when it is not one.
 
@@ -89,30 +82,36 @@ def parse_usage(usage: Any) -> ReportedUsage | None:
     Responses API: `input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`,
     `output_tokens_details.reasoning_tokens`.
     """
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
+    get = usage.get
     if "prompt_tokens" in usage or "completion_tokens" in usage:
-        inp = _count(usage.get("prompt_tokens"))
-        out = _count(usage.get("completion_tokens"))
-        in_details = _details(usage, "prompt_tokens_details")
-        out_details = _details(usage, "completion_tokens_details")
+        inp, out = get("prompt_tokens"), get("completion_tokens")
+        in_details, out_details = get("prompt_tokens_details"), get("completion_tokens_details")
     elif "input_tokens" in usage or "output_tokens" in usage:
-        inp = _count(usage.get("input_tokens"))
-        out = _count(usage.get("output_tokens"))
-        in_details = _details(usage, "input_tokens_details")
-        out_details = _details(usage, "output_tokens_details")
+        inp, out = get("input_tokens"), get("output_tokens")
+        in_details, out_details = get("input_tokens_details"), get("output_tokens_details")
     else:
         return None
-    tokens = TokenUsage(
-        input_tokens=inp,
-        output_tokens=out,
-        cached_input_tokens=_count(in_details.get("cached_tokens")),
-        reasoning_tokens=_count(out_details.get("reasoning_tokens")),
-        audio_input_tokens=_count(in_details.get("audio_tokens")),
-        audio_output_tokens=_count(out_details.get("audio_tokens")),
-    )
-    total = usage.get("total_tokens")
-    return ReportedUsage(tokens, _count(total) if total is not None else inp + out)
+    # Plain non-negative ints (what every upstream sends) are taken as they are; anything else goes through
+    # `_count`. This runs once per request.
+    if type(inp) is not int or inp < 0:
+        inp = _count(inp)
+    if type(out) is not int or out < 0:
+        out = _count(out)
+    cached = audio_in = reasoning = audio_out = 0
+    if type(in_details) is dict or isinstance(in_details, Mapping):  # (the ABC check is slower)
+        cached = _count(in_details.get("cached_tokens"))
+        audio_in = _count(in_details.get("audio_tokens"))
+    if type(out_details) is dict or isinstance(out_details, Mapping):
+        reasoning = _count(out_details.get("reasoning_tokens"))
+        audio_out = _count(out_details.get("audio_tokens"))
+    total = get("total_tokens")
+    if total is None:
+        total = inp + out
+    elif type(total) is not int or total < 0:
+        total = _count(total)
+    return ReportedUsage(TokenUsage(inp, out, cached, reasoning, audio_in, audio_out), total)
 
 
 def _text_len(value: Any) -> int:
@@ -545,8 +544,12 @@ class JSONTap:
 
 def _last_usage(buf: bytes, start: int) -> ReportedUsage | None:
     """The last `"usage": {...}` object at or after `start` that parses as usage."""
-    matches = list(_USAGE_KEY.finditer(buf, start))
-    for match in reversed(matches):
+    # Backwards from the end: each `"usage"` (last first) that starts a `"usage": {` match.
+    at = len(buf)
+    while (at := buf.rfind(b'"usage"', start, at)) >= 0:
+        match = _USAGE_KEY.match(buf, at)
+        if match is None:
+            continue
         brace = match.end() - 1
         try:
             value, _ = _DECODER.raw_decode(buf[brace:].decode("utf-8", "replace"))

@@ -50,6 +50,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: `json.loads(text, **hooks)` would build a new decoder (and scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_JSON_SPACE = " \t\n\r"
+
+
 def _has_surrogate(text: str) -> bool:
     if text.isascii():
         return False
@@ -151,7 +156,12 @@ def parse_json_body(raw: bytes) -> Any:
     if text.startswith("\ufeff"):  # a byte order mark may be ignored (RFC 8259 §8.1)
         text = text[1:]
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        if text[:1] in ("{", "["):  # the usual body: no leading space, nothing after the value
+            data, end = _DECODER.raw_decode(text)
+            if end != len(text) and text[end:].strip(_JSON_SPACE):
+                data = _DECODER.decode(text)  # raises the "Extra data" error, with its position
+        else:
+            data = _DECODER.decode(text)
     except JSONBodyError:
         raise
     except RecursionError:

@@ -300,10 +300,14 @@ def _upstream_path(scope: Scope, ctx: RequestContext) -> str:
     return quote(ctx.path, safe=_PATH_SAFE)
 
 
+# Built once (`json.dumps` with options builds an encoder per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _serialize(body: dict[str, object]) -> bytes:
     """A changed body as compact JSON; UTF-8 where possible, else with `\\u` escapes (never raises on text)."""
     try:
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return _ENCODER.encode(body).encode()
     except UnicodeEncodeError:  # an unpaired surrogate (the request layer refuses these; belt and braces)
         return json.dumps(body, separators=(",", ":")).encode()
 

@@ -6,12 +6,13 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from orq_proxy.config import ProxyConfig
 from orq_proxy.metering.events import UsageEvent
 from orq_proxy.sinks.base import EventBus, build_sinks
-from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore, DuckDBSink
+from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, DuckDBSink, event_row
 from orq_proxy.sinks.jsonl import JsonlSink
 from orq_proxy.sinks.memory import MemorySink
 
@@ -147,3 +148,62 @@ def test_build_sinks_requires_path(kind: str) -> None:
     config = ProxyConfig.model_validate({"sinks": [{"type": kind}]})
     with pytest.raises(ValueError, match=r"sinks\[0\]\.path is required"):
         build_sinks(config, DuckDBEventStore())
+
+
+def test_usage_event_fields_are_in_event_column_order() -> None:
+    """`event_row` reads an event's values in declaration order: that order must be `EVENT_COLUMNS`'."""
+    fields = list(UsageEvent.model_fields)
+    assert fields[1] == "timestamp"
+    assert [*fields[:1], "ts", *fields[2:]] == list(EVENT_COLUMNS)
+
+
+# Every optional group of the DuckDB rows, at and off its default; the rest of the row stays put.
+_OFF_DEFAULT: list[dict[str, object]] = [
+    {},
+    {"cached_input_tokens": 3},
+    {"reasoning_cost_nanos": 7},
+    {"audio_output_tokens": 2, "identity_tags": []},
+    {"identity_tags": ["x"], "metadata": {}},
+    {"credential_type": "jwt"},
+    {"ttft_ms": 0.0, "usage_note": "estimated: client left", "usage_source": "estimated"},
+    {"metadata": {"k": "v"}, "identity_tags": []},
+]
+
+
+def test_duckdb_rows_of_every_shape_read_back_exactly() -> None:
+    """Rows that leave columns to their DEFAULTs read back as the events that were written."""
+    store = DuckDBEventStore()
+    events = [make_event(i, **kw) for i, kw in enumerate(_OFF_DEFAULT)]
+    store.insert(events)
+    cur = store.cursor()
+    cols = ", ".join(EVENT_COLUMNS)
+    rows = cur.execute(f"SELECT {cols} FROM {EVENTS_TABLE} ORDER BY event_id").fetchall()
+    assert [tuple(r) for r in rows] == [tuple(event_row(e)) for e in events]
+
+
+def test_duckdb_insert_of_mixed_shapes_is_all_or_nothing() -> None:
+    """Good rows of other shapes, appended before a bad one, are rolled back with it."""
+    store = DuckDBEventStore()
+    good = [make_event(i, **kw) for i, kw in enumerate(_OFF_DEFAULT)]
+    bad = make_event(99, usage_note="x").model_copy(update={"input_tokens": "not a number"})
+    with pytest.raises(Exception):  # noqa: B017 - duckdb's conversion error type is not part of its API
+        store.insert([*good, bad])
+    assert store.count() == 0
+    store.insert(good)
+    assert store.count() == len(good)
+
+
+def test_duckdb_file_from_before_column_defaults_gets_them(tmp_path: Path) -> None:
+    """A file whose table has no DEFAULTs (an older version's) is given them when opened."""
+    path = tmp_path / "old.duckdb"
+    conn = duckdb.connect(str(path))
+    conn.execute(f"CREATE TABLE {EVENTS_TABLE} ({', '.join(f'{n} {k}' for n, k in EVENT_COLUMNS.items())})")
+    conn.close()
+    store = DuckDBEventStore(str(path))
+    store.insert([make_event(1, identity_tags=[], metadata={})])
+    cur = store.cursor()
+    row = cur.execute(
+        f"SELECT identity_tags, metadata, credential_type, cached_input_tokens FROM {EVENTS_TABLE}"
+    ).fetchone()
+    assert row == ([], "{}", "api_key", 0)
+    store.close()
