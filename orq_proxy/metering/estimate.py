@@ -42,7 +42,13 @@ def _text_bytes(value: Any) -> int:
         elif isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            stack.extend(v for k, v in node.items() if k not in _NOT_TEXT_KEYS)
+            for key, child in node.items():  # (strings counted here: most of a body's values are)
+                if key in _NOT_TEXT_KEYS:
+                    continue
+                if type(child) is str:
+                    total += len(child) if child.isascii() else len(child.encode("utf-8", "surrogatepass"))
+                else:
+                    stack.append(child)
     return total
 
 

@@ -8,7 +8,7 @@ also the names of reporting's `genai.usage` bundle; money is integer nano-USD (`
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,3 +57,21 @@ class UsageEvent(BaseModel):
     usage_note: str | None = Field(None, description="Why usage is estimated, when it is.")
     price_source: Literal["genai-prices", "override", "unknown"] = "genai-prices"
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def trusted(cls, values: dict[str, Any]) -> UsageEvent:
+        """An event from values this package computed itself, without validation (0.5 us instead of 3).
+
+        `values` must hold every field, in declaration order (`event_row` reads them in that order), each
+        of its declared type. Anything that comes from outside goes through the constructor instead.
+        """
+        event = cls.__new__(cls)
+        _set = object.__setattr__  # what `model_construct` does, minus its per-field defaults and aliases
+        _set(event, "__dict__", values)
+        _set(event, "__pydantic_fields_set__", set(_FIELDS))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
+
+
+_FIELDS = frozenset(UsageEvent.model_fields)

@@ -18,7 +18,7 @@ from orq_proxy.context import SCOPE_KEY, RequestContext, ResolvedIdentity
 from orq_proxy.metering.estimate import estimate_input_tokens, estimate_tokens_from_bytes
 from orq_proxy.metering.events import UsageEvent
 from orq_proxy.metering.middleware import MeteringMiddleware
-from orq_proxy.metering.pricing import Pricer, TokenUsage
+from orq_proxy.metering.pricing import Cost, Pricer, TokenUsage
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.testing.clock import FakeClock
 
@@ -132,11 +132,22 @@ class Harness:
         finally:
             assert len(self.bus.events) == 1, "exactly one event per request"
             assert self.hooked == self.bus.events and self.listened == self.bus.events
+            assert_as_validated(self.bus.events[0])
         return self.bus.events[0]
 
     @property
     def body_chunks(self) -> list[bytes]:
         return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+
+def assert_as_validated(event: UsageEvent) -> None:
+    """An event built without validation (`UsageEvent.trusted`) is exactly what validating its values gives:
+    every field, in declaration order, each of the type validation produces."""
+    assert list(event.__dict__) == list(UsageEvent.model_fields)
+    validated = UsageEvent.model_validate(event.model_dump(), strict=True)
+    assert validated == event
+    assert [type(v) for v in event.__dict__.values()] == [type(v) for v in validated.__dict__.values()]
+    assert event.model_fields_set == validated.model_fields_set
 
 
 def stream_body(**extra: Any) -> dict[str, Any]:
@@ -434,8 +445,12 @@ async def test_bad_stream_options_left_for_upstream() -> None:
 async def test_event_build_failure_logged_and_request_unaffected(caplog: pytest.LogCaptureFixture) -> None:
     """If the event cannot be built (a bug), the request still completes and the error is logged."""
     h = Harness()
-    h.ctx.received_at = "not a datetime"  # type: ignore[assignment]
-    mw = MeteringMiddleware(upstream_app(200, JSON, [b"{}"]), bus=h.bus, pricer=h.pricer, clock=h.clock)
+
+    class BrokenPricer(Pricer):
+        def cost(self, provider: str | None, model: str | None, usage: TokenUsage) -> Cost:
+            raise RuntimeError("a bug in pricing")
+
+    mw = MeteringMiddleware(upstream_app(200, JSON, [b"{}"]), bus=h.bus, pricer=BrokenPricer(), clock=h.clock)
 
     async def send(message: Message) -> None:
         h.sent.append(message)
