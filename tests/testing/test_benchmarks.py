@@ -90,3 +90,15 @@ def test_profile_summary_attributes_self_time_to_layers(tmp_path: Path) -> None:
     assert " 75.0%  orq_proxy sinks" in summary
     assert " 25.0%  uvicorn server" in summary
     assert "100.0%  run (uvicorn/main.py)" in summary
+
+
+def test_layers_measures_variants_against_bare() -> None:
+    """layers.py runs the full stack and its baseline in process, JSON and stream, and prints both."""
+    for extra in ([], ["--stream"]):
+        cmd = [sys.executable, str(BENCHMARKS / "layers.py"), "--variants", "orq-full", "--rounds", "1"]
+        result = subprocess.run(
+            [*cmd, "--requests", "40", *extra], capture_output=True, text=True, timeout=120, check=True
+        )
+        lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  orq-")}
+        assert set(lines) == {"orq-full", "orq-bare"}, result.stdout
+        assert "+0.0 us vs orq-bare" in lines["orq-bare"] and "1.00x" in lines["orq-bare"]
