@@ -1,7 +1,7 @@
 """What each orq-proxy layer costs per request, in process: no sockets, no server, no upstream.
 
-The app is `build_app`'s, with the upstream's network call replaced by a canned OpenAI chat completion
-(the fake upstream's own answer), so what is timed is orq-proxy's code: request, auth, routing, and the
+The app is `build_app`'s, with the upstream's network call replaced by a replay of the fake upstream's
+answer (recorded once, in process), so what is timed is orq-proxy's code: request, auth, routing, and the
 identity, budget and metering layers (DuckDB sink included: each round ends after the sink's flush).
 Variants as in `compare.py`: `orq-full` (identity from `orq.identity`, a matching identity budget,
 metering into in-memory DuckDB) and each layer replaced by a pass-through, down to `orq-bare`.
@@ -34,54 +34,36 @@ import _load
 import compare
 
 from orq_proxy.sinks.base import DEFAULT_FLUSH_INTERVAL
+from orq_proxy.testing.fake_upstream import build_fake_upstream
 
 PATH = "/v1/chat/completions"
 
 
-def canned_answer(stream: bool) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-    """Headers and body chunks of an answer shaped like the fake upstream's (a chat completion or a stream
-    of one, with usage)."""
-    usage = {
-        "prompt_tokens": 20,
-        "completion_tokens": 8,
-        "total_tokens": 28,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+async def canned_answer(body: bytes) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """The fake upstream's answer to `body` (headers and body chunks), recorded once and replayed."""
+    fake = build_fake_upstream(record=False)
+    headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
     }
-    base = {
-        "id": "chatcmpl-0001",
-        "created": 1795333122,
-        "model": compare.MODEL,
-        "system_fingerprint": "fp_0",
-    }
-    words = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy"]
-    if not stream:
-        body = {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        }
-        raw = json.dumps(body, separators=(",", ":")).encode()
-        return [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())], [raw]
-    chunks = []
-    for i, word in enumerate(words):
-        delta = {"content": (" " if i else "") + word}
-        chunk = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
-        chunks.append(
-            b"data: " + json.dumps({**chunk, "usage": None}, separators=(",", ":")).encode() + b"\n\n"
-        )
-    final = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-    chunks.append(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
-    chunks.append(b"data: [DONE]\n\n")
-    return [(b"content-type", b"text/event-stream")], chunks
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers.extend(message.get("headers", ()))
+        elif message.get("body"):
+            chunks.append(message["body"])
+
+    await fake(scope, receive, send)
+    return headers, chunks
 
 
 async def measure(variant: str, stream: bool, rounds: int, requests: int, work: Path) -> float:
@@ -96,7 +78,12 @@ async def measure(variant: str, stream: bool, rounds: int, requests: int, work: 
     config = work / f"{variant}.toml"
     compare.orq_config(config, _load.free_port(), "http://127.0.0.1:9/v1")  # never connected to
     app = app_module.build_app(load_config(str(config)))
-    headers, chunks = canned_answer(stream)
+    body = compare.bodies(variant, stream)
+    upstream_body = json.loads(body)
+    upstream_body.pop("orq", None)
+    if stream:  # what metering asks the upstream for
+        upstream_body["stream_options"] = {"include_usage": True}
+    headers, chunks = await canned_answer(json.dumps(upstream_body).encode())
 
     async def forward(ctx: Any, scope: Any, provider: str, send: Any, finishing: list[bool]) -> None:
         from orq_proxy.proxy.upstream import _serialize
@@ -111,7 +98,6 @@ async def measure(variant: str, stream: bool, rounds: int, requests: int, work: 
         await send({"type": "http.response.body", "body": chunks[-1], "more_body": False})
 
     app.upstream._forward = forward  # type: ignore[method-assign]
-    body = compare.bodies(variant, stream)
     request_headers = [
         (b"host", b"127.0.0.1"),
         (b"authorization", f"Bearer {compare.API_KEY}".encode()),
