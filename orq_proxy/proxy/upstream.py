@@ -1,7 +1,8 @@
 """`UpstreamApp`: the terminal ASGI app that forwards a request to its upstream and streams the answer back.
 
-One pooled `aiohttp.ClientSession`, used directly (docs/architecture.md, "Forwarding", says why not httpx on
-top of it). Response bytes go to the client chunk by chunk as they arrive; nothing is buffered.
+One `ConnectionPool` of keep-alive HTTP/1.1 connections (`http1.py`; docs/architecture.md, "Forwarding",
+says why not aiohttp or httpx). Response bytes go to the client as they arrive; nothing is buffered beyond
+what the client has not taken yet (bounded: reading from the upstream pauses).
 
 Failures, in OpenAI's error shape: upstream unreachable -> 502; no response headers within the upstream's
 `headers_timeout` -> 504; upstream 4xx/5xx pass through unchanged. A client that disconnects cancels the
@@ -18,12 +19,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, quote_from_bytes, unquote
 
-import aiohttp
-import yarl
 from starlette.types import Message, Receive, Scope, Send
 
 from orq_proxy.context import RequestContext, get_context
 from orq_proxy.errors import openai_error
+from orq_proxy.proxy.http1 import ConnectionPool, UpstreamConnectError, UpstreamReadError, origin_of
 
 __all__ = ["WATCH_AFTER", "UpstreamApp", "UpstreamStreamError", "UpstreamTarget", "targets_from_config"]
 
@@ -52,8 +52,6 @@ _DROP_REQUEST = frozenset(
         b"expect",
     }
 )
-# aiohttp adds these unless told not to; the client's own values (if any) are forwarded instead.
-_SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _DROP_RESPONSE = frozenset(
     {
         b"connection",
@@ -98,12 +96,10 @@ class UpstreamTarget:
 
 def _upstream_failure(exc: BaseException) -> tuple[int, str]:
     """Map a failure before the response headers to (status, message): too slow is 504, anything
-    else (refused, reset, DNS, TLS) is 502."""
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    else (refused, reset, DNS, TLS, closed before answering) is 502."""
+    if isinstance(exc, TimeoutError):
         return 504, "upstream timed out before sending response headers"
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientOSError):
-        return 502, f"upstream unreachable: {exc}"
-    return 502, f"upstream connection failed: {exc or type(exc).__name__}"
+    return 502, f"upstream unreachable: {exc or type(exc).__name__}"
 
 
 class UpstreamApp:
@@ -113,8 +109,11 @@ class UpstreamApp:
         targets: provider name -> `UpstreamTarget`.
         max_connections: connection pool size across all upstreams.
 
-    The client session is created lazily on first use (or by `startup()` from a lifespan) and closed by
-    `aclose()`.
+    The connection pool is created lazily on first use (or by `startup()` from a lifespan) and closed by
+    `aclose()`. It keeps no cookies and decompresses nothing: bytes pass through as the upstream sent them.
+
+    Raises:
+        ValueError: a target's `base_url` is not an http(s) URL, or its API key holds a line break.
     """
 
     def __init__(self, targets: Mapping[str, UpstreamTarget], *, max_connections: int = 1000) -> None:
@@ -122,38 +121,29 @@ class UpstreamApp:
             raise ValueError("at least one upstream target is needed")
         self.targets = dict(targets)
         self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        # aiohttp's sock_read bounds every wait for data, the headers included; the headers get their own
-        # (usually equal) bound from asyncio.timeout in _forward.
-        self._timeouts = {
-            name: aiohttp.ClientTimeout(total=None, sock_connect=t.connect_timeout, sock_read=t.read_timeout)
-            for name, t in self.targets.items()
-        }
-        self._auth = {
-            name: ("authorization", f"Bearer {t.api_key}") if t.api_key else None
-            for name, t in self.targets.items()
-        }
+        self._pool: ConnectionPool | None = None
+        self._origins = {name: origin_of(t.base_url) for name, t in self.targets.items()}
+        self._auth: dict[str, tuple[bytes, bytes] | None] = {}
+        for name, t in self.targets.items():
+            if t.api_key and any(c in t.api_key for c in "\r\n"):
+                raise ValueError(f"upstream {name!r}: api_key must not contain a line break")
+            self._auth[name] = (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
             # Idle connections are dropped after 4 s, before the 5 s keep-alive timeout common on servers
-            # (uvicorn's default): reusing a connection the upstream is closing fails the request with
-            # "server disconnected", and a POST cannot safely be retried.
-            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=4.0)
-            # No cookie jar: a proxy must not keep one client's upstream cookies for the next client.
-            self._session = aiohttp.ClientSession(
-                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
-            )
-        return self._session
+            # (uvicorn's default), so a request is not written to a connection the upstream is closing.
+            self._pool = ConnectionPool(limit=self.max_connections, keepalive_timeout=4.0)
+        return self._pool
 
     async def startup(self) -> None:
-        _ = self.session
+        _ = self.pool
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # pragma: no cover - the dispatcher only sends http here
@@ -209,39 +199,40 @@ class UpstreamApp:
         self, ctx: RequestContext, scope: Scope, provider: str, send: Send, finishing: list[bool]
     ) -> None:
         target = self.targets[provider]
-        url = target.base_url + _upstream_path(scope, ctx)
+        origin = self._origins[provider]
+        path = origin.base_path + _upstream_path(scope, ctx)
         query: bytes = scope.get("query_string", b"")
         if query:
-            url += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
+            path += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
         headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
+            (k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
         ]
-        headers.append(("accept-encoding", "identity"))
+        headers.append((b"accept-encoding", b"identity"))
         auth = self._auth[provider]
         if auth is not None:
             headers.append(auth)
         content = ctx.raw_body
         if ctx.body_changed and ctx.body is not None:
             content = _serialize(ctx.body)
-        session = self.session
         try:
-            request = session.request(
+            response = await self.pool.request(
+                origin,
                 ctx.method,
-                yarl.URL(url, encoded=True),
-                headers=headers,
-                data=content or None,
-                allow_redirects=False,
-                timeout=self._timeouts[provider],
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                path.encode("ascii"),  # percent-encoded above: ASCII only
+                headers,
+                content,
+                connect_timeout=target.connect_timeout,
+                headers_timeout=target.headers_timeout,
+                read_timeout=target.read_timeout,
             )
-            if target.headers_timeout < target.read_timeout:
-                async with asyncio.timeout(target.headers_timeout):
-                    response = await request
-            else:  # aiohttp's sock_read already bounds the wait for the headers: no extra timer
-                response = await request
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except ValueError as exc:  # a header value with a line break (servers refuse these; belt and braces)
+            ctx.status_code = 400
+            finishing[0] = True
+            await openai_error(400, f"invalid request header: {exc}", code="invalid_header")(
+                scope, _noop_receive, send
+            )
+            return
+        except (TimeoutError, UpstreamConnectError) as exc:
             status, message = _upstream_failure(exc)
             ctx.upstream_error = message
             ctx.status_code = status
@@ -257,22 +248,19 @@ class UpstreamApp:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": _response_headers(response.raw_headers),
+                    "headers": _response_headers(response.headers),
                 }
             )
-            # With a known length, the chunk that completes the body is sent as the last message, which
-            # saves the server a separate empty write per response.
-            remaining = response.content_length
+            # The chunk that completes the body is sent as the last message, which saves the server a
+            # separate empty write per response (a short JSON answer is one message).
             try:
-                async for chunk in response.content.iter_any():
-                    if remaining is not None:
-                        remaining -= len(chunk)
-                        if remaining <= 0:
-                            complete = finishing[0] = True
-                            await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                            break
+                while chunk := await response.read():
+                    if response.at_eof:
+                        complete = finishing[0] = True
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                        break
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, UpstreamReadError) as exc:
                 ctx.upstream_error = f"upstream failed mid-response: {exc or type(exc).__name__}"
                 logger.warning("request %s: %s", ctx.request_id, ctx.upstream_error)
                 raise UpstreamStreamError(ctx.upstream_error) from exc

@@ -189,8 +189,8 @@ def test_unreachable_upstream_is_502(client_for: ClientFactory, proxy_factory: A
 def test_slow_upstream_headers_is_504(
     client_for: ClientFactory, upstream_url: str, proxy_factory: Any, fake: FakeUpstream, read_timeout: float
 ) -> None:
-    """No response headers within `headers_timeout` is a 504 (its own timer, or aiohttp's read timeout
-    when the two are equal)."""
+    """No response headers within `headers_timeout` is a 504 (whichever of it and `read_timeout` is
+    shorter bounds the wait)."""
     ups = {
         "openai": {
             "base_url": upstream_url,
