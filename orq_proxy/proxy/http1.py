@@ -152,12 +152,16 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamReadError(f"malformed response from upstream: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # Not HTTP/1.1 as we speak it (a TLS port spoken to in clear, another protocol, an upgrade).
+            message = f"malformed response from upstream: {exc or type(exc).__name__}"
+            self._fail(UpstreamReadError(message) if self.headers_done else UpstreamConnectError(message))
             return
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
+        # Any bytes count as progress (part of the headers, a chunk's framing): a waiter re-arms its timer.
+        self._wake()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport (connection_lost follows)
@@ -166,8 +170,9 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.complete or self.error is not None:
             return
-        if self.headers_done and self.content_length is None and not self.chunked:
-            # A body delimited by the end of the connection (no length, not chunked): this is its end.
+        if self.headers_done and self.content_length is None and not self.chunked and exc is None:
+            # A body delimited by the end of the connection (no length, not chunked): a clean close is its
+            # end (a reset is not: the body may be cut short).
             self.complete = True
             self._wake()
             return
@@ -178,6 +183,10 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamConnectError(f"upstream closed the connection before answering{reason}"))
 
     # -- httptools callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in the same read: never ours, and the connection is suspect
+            self.closed = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.complete:  # a second response in the same read: never ours, and the connection is suspect
             self.closed = True
@@ -199,12 +208,14 @@ class _Connection(asyncio.Protocol):
                     self.content_length = int(value)
                 except ValueError:
                     self.content_length = None
-            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
-                self.chunked = True
+            elif lowered == b"transfer-encoding":
+                # Chunked framing only when chunked is the last coding; otherwise the body runs to the close.
+                self.chunked = value.lower().rstrip().endswith(b"chunked")
         self.headers_done = True
-        if self.head_request or status in (204, 304):
-            # No body follows (HEAD answers carry the length of a body they do not send). The parser would
-            # wait for one, so the exchange ends here and the connection is not reused.
+        if self.head_request:
+            # No body follows (a HEAD answer carries the length of a body it does not send). The parser would
+            # wait for one, so the exchange ends here and the connection is not reused. (204 and 304 need
+            # nothing of the kind: the parser knows they have no body.)
             self.complete = True
             self.closed = True
         self._wake()
@@ -386,14 +397,23 @@ class ConnectionPool:
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         lines = 3 + len(headers)  # request line, host, headers, the blank line
+        lengths = 0
         if body or method not in _NO_BODY_METHODS:
             parts += (b"content-length: ", str(len(body)).encode("ascii"), b"\r\n")
             lines += 1
+            lengths = 1
         parts.append(b"\r\n")
         head = b"".join(parts)
         # Every line ends in CRLF and nothing else may: a CR or LF inside a value would split the request.
         if head.count(b"\n") != lines or head.count(b"\r") != lines:
             raise ValueError("a request header or the path contains a line break")
+        # The framing headers are ours alone (a second length or a transfer coding would let a request
+        # smuggle another one past the upstream's parser).
+        lowered = head.lower()
+        if b"\ntransfer-encoding:" in lowered or lowered.count(b"\ncontent-length:") != lengths:
+            raise ValueError("a request header sets the message framing (content-length, transfer-encoding)")
+        if lowered.count(b"\nhost:") > 1 or b"\nconnection:" in lowered:
+            raise ValueError("a request header repeats host or sets connection")
 
         conn = await self._checkout(origin, connect_timeout)
         conn.head_request = method == "HEAD"
@@ -402,9 +422,18 @@ class ConnectionPool:
             conn.transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 conn.transport.write(body)
-            wait = min(headers_timeout, read_timeout)
-            while not conn.headers_done:
-                await conn.wait(wait, "upstream sent no response headers within headers_timeout")
+            if not conn.headers_done:
+                # `headers_timeout` bounds the whole wait for the headers, `read_timeout` each wait for data.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + headers_timeout
+                while not conn.headers_done:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError("upstream sent no response headers within headers_timeout")
+                    what = "headers_timeout" if left <= read_timeout else "read_timeout"
+                    await conn.wait(
+                        min(left, read_timeout), f"upstream sent no response headers within {what}"
+                    )
         except BaseException:
             conn.abort()
             self._discard(conn)
@@ -434,14 +463,21 @@ class ConnectionPool:
 
     async def _checkout(self, origin: Origin, connect_timeout: float) -> _Connection:
         key = origin.key
+        waited = False
         while True:
+            if self._closed:
+                raise UpstreamConnectError("the upstream connection pool is closed")
             conn = self._take_idle(key)
             if conn is not None:
                 return conn
             if self._open < self.limit or self._close_one_idle():
                 break
             waiter = asyncio.get_running_loop().create_future()
-            self._slot_waiters.append(waiter)
+            if waited:  # woken, but another request took the slot first: keep our place at the front
+                self._slot_waiters.appendleft(waiter)
+            else:
+                self._slot_waiters.append(waiter)
+            waited = True
             try:
                 await waiter  # a connection was returned or discarded
             except BaseException:
@@ -512,6 +548,10 @@ class ConnectionPool:
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close when their exchange ends."""
         self._closed = True
+        while self._slot_waiters:  # they raise "closed" when they wake
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
         for idle in self._idle.values():
             while idle:
                 self._discard(idle.pop())

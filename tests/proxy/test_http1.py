@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -39,15 +41,19 @@ class Server:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.closed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open_now += 1
         self.max_open = max(self.max_open, self.open_now)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
         try:
             await self.handler(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # (a handler still running at teardown is cancelled: it ends quietly)
         finally:
             self.open_now -= 1
             writer.close()
@@ -91,6 +97,9 @@ async def serve() -> AsyncIterator[Start]:
     for server in servers:
         assert server.server is not None
         server.server.close()
+        for task in server.tasks:
+            task.cancel()
+        await asyncio.gather(*server.tasks, return_exceptions=True)
 
 
 def answering(*answers: bytes, then_close: bool = False) -> Handler:
@@ -211,6 +220,44 @@ async def test_headers_timeout(serve: Start) -> None:
     assert pool.open_connections == 0
 
 
+async def test_headers_timeout_bounds_the_whole_wait(serve: Start) -> None:
+    """Headers trickling in, each byte within `read_timeout`, still end at `headers_timeout`."""
+
+    async def trickle(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    server = await serve(trickle)
+    pool = ConnectionPool()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError, match="headers_timeout"):
+        await call(pool, server.origin(), headers_timeout=0.3, read_timeout=0.2)
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_reset_during_a_close_delimited_body_is_an_error(serve: Start) -> None:
+    async def reset(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nsome of it")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+
+    server = await serve(reset)
+    pool = ConnectionPool()
+    response = await pool.request(server.origin(), "GET", b"/", [], b"", **TIMEOUTS)
+    assert await response.read() == b"some of it"
+    with pytest.raises(UpstreamReadError, match="mid-response"):
+        await response.read()
+    response.close()
+    assert pool.open_connections == 0
+
+
 async def test_read_timeout_and_death_mid_body(serve: Start) -> None:
     async def stalls(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
@@ -242,9 +289,18 @@ async def test_malformed_response_is_read_error(serve: Start) -> None:
     # Bytes after the end of a response: that answer is fine, the connection is not reused.
     assert (await call(pool, server.origin()))[2] == b"abc"
     assert pool.idle_connections() == 0
-    server2 = await serve(answering(b"HTTP/1.1 abc\r\n\r\n"))
-    with pytest.raises((UpstreamReadError, UpstreamConnectError)):
-        await call(pool, server2.origin())
+    # Not HTTP at all before the headers (e.g. a TLS port spoken to in clear): a connection error (502).
+    for answer in (b"HTTP/1.1 abc\r\n\r\n", b"\x16\x03\x01\x00\x2a garbage"):
+        server2 = await serve(answering(answer))
+        with pytest.raises(UpstreamConnectError, match="malformed"):
+            await call(pool, server2.origin())
+    # A stray second response after a complete one: the first is fine, the connection is not reused.
+    server3 = await serve(
+        answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nabHTTP/1.1 200 OK\r\n\r\nxyz")
+    )
+    assert (await call(pool, server3.origin()))[2] == b"ab"
+    assert pool.idle_connections() == 0
+    assert pool.open_connections == 0
 
 
 async def test_head_and_no_content_answers_end_without_a_body(serve: Start) -> None:
@@ -256,7 +312,9 @@ async def test_head_and_no_content_answers_end_without_a_body(serve: Start) -> N
         b"",
     )
     server2 = await serve(answering(b"HTTP/1.1 204 No Content\r\n\r\n"))
-    assert (await asyncio.wait_for(call(pool, server2.origin(), method="DELETE", body=b""), 2))[0] == 204
+    for _ in range(2):
+        assert (await asyncio.wait_for(call(pool, server2.origin(), method="DELETE", body=b""), 2))[0] == 204
+    assert server2.connections == 1  # a 204 ends its exchange cleanly: the connection is reused
     # No length header for a GET without a body.
     assert b"content-length" not in server.requests[0]
 
@@ -269,6 +327,14 @@ async def test_line_breaks_in_headers_are_refused_before_sending(serve: Start) -
             await pool.request(server.origin(), "POST", b"/", headers, b"{}", **TIMEOUTS)
     with pytest.raises(ValueError, match="line break"):
         await pool.request(server.origin(), "POST", b"/a\r\nb", [], b"{}", **TIMEOUTS)
+    for headers in (
+        [(b"Transfer-Encoding", b"chunked")],
+        [(b"content-length", b"5")],
+        [(b"Host", b"other")],
+        [(b"connection", b"close")],
+    ):
+        with pytest.raises(ValueError, match=r"framing|host"):
+            await pool.request(server.origin(), "POST", b"/", headers, b"{}", **TIMEOUTS)
     assert server.connections == 0
 
 
