@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -292,7 +293,18 @@ def build_app(
     routes += budget_routes(
         keyring=keyring, store=budget_store, counters=budget_counters, clock=clock, notifiers=config.notifiers
     )
-    # reporting reads the same event store the sink bus writes (`[reporting] retention_days` bounds `from`).
+    # reporting reads the same event store the sink bus writes (`[reporting] retention_days` bounds `from`,
+    # and events older than that are deleted: at startup, then hourly, in a worker thread).
+    retention = timedelta(days=config.reporting.retention_days)
+
+    def apply_retention() -> None:
+        deleted = event_store.delete_before(clock.now() - retention)
+        if deleted:
+            logger.info("event store: deleted %d events older than %s", deleted, retention)
+
+    retention_task = _Periodic(3600.0, apply_retention, in_thread=True, at_start=True)
+    startup.append(retention_task.start)
+    shutdown.append(retention_task.stop)
     routes += reporting_routes(
         keyring=keyring, event_store=event_store, clock=clock, retention_days=config.reporting.retention_days
     )
@@ -358,18 +370,29 @@ def _budget_counters(url: str) -> Counters:
 
 
 class _Periodic:
-    """Calls a cheap synchronous `job` every `interval` seconds while the app runs."""
+    """Calls a synchronous `job` every `interval` seconds while the app runs: on the loop when it is cheap,
+    in a worker thread when it blocks (`in_thread`); the first time at start-up too with `at_start`."""
 
-    def __init__(self, interval: float, job: Callable[[], object]) -> None:
+    def __init__(
+        self, interval: float, job: Callable[[], object], *, in_thread: bool = False, at_start: bool = False
+    ) -> None:
         self.interval = interval
         self.job = job
+        self.in_thread = in_thread
+        self.at_start = at_start
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
+        first = True
         while True:
-            await asyncio.sleep(self.interval)
+            if not (first and self.at_start):
+                await asyncio.sleep(self.interval)
+            first = False
             try:
-                self.job()
+                if self.in_thread:
+                    await asyncio.to_thread(self.job)
+                else:
+                    self.job()
             except Exception:
                 logger.exception("periodic job %s failed", getattr(self.job, "__qualname__", self.job))
 

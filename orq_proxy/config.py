@@ -134,7 +134,11 @@ class BudgetsConfig(_Section):
 
 
 class ReportingConfig(_Section):
-    retention_days: int = Field(90, ge=1)
+    retention_days: int = Field(
+        90,
+        ge=1,
+        description="Days of usage events kept: reports reach no further back; older events are deleted.",
+    )
 
 
 class ProxyConfig(_Section):

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from functools import lru_cache
 from operator import itemgetter
 from typing import Any
@@ -207,6 +207,22 @@ class DuckDBEventStore:
             finally:
                 cur.close()
 
+    def delete_before(self, cutoff: datetime) -> int:
+        """Delete the events older than `cutoff` (aware, or naive UTC); how many were deleted (blocking).
+
+        The retention rule (`[reporting] retention_days`): reporting refuses to look further back, and the
+        app runs this hourly so a long-running store does not grow without bound.
+        """
+        if cutoff.tzinfo is not None:
+            cutoff = cutoff.astimezone(UTC).replace(tzinfo=None)
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                row = cur.execute(f"DELETE FROM {EVENTS_TABLE} WHERE ts < ?", [cutoff]).fetchone()
+            finally:
+                cur.close()
+        return int(row[0]) if row else 0
+
     def count(self) -> int:
         cur = self._conn.cursor()
         try:
@@ -216,7 +232,8 @@ class DuckDBEventStore:
         return int(row[0]) if row else 0
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:  # after a write or a retention delete still running in a worker thread
+            self._conn.close()
 
 
 class DuckDBSink:

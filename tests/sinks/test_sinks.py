@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -207,3 +209,36 @@ def test_duckdb_file_from_before_column_defaults_gets_them(tmp_path: Path) -> No
     ).fetchone()
     assert row == ([], "{}", "api_key", 0)
     store.close()
+
+
+def test_duckdb_delete_before_keeps_the_retention_window() -> None:
+    """Events older than the cutoff go, the rest stay; aware and naive (UTC) cutoffs mean the same."""
+    store = DuckDBEventStore()
+    base = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
+    store.insert([make_event(i, timestamp=base.replace(day=1 + i)) for i in range(5)])  # days 1..5
+    assert store.delete_before(datetime(2026, 3, 3, 12, 0, tzinfo=UTC)) == 2  # days 1 and 2
+    assert store.delete_before(datetime(2026, 3, 3, 12, 0)) == 0  # naive = UTC: nothing more
+    # Same instant in another zone: one more day goes (day 3 at 12:00 UTC is before 13:00 UTC).
+    plus_two = timezone(timedelta(hours=2))
+    assert store.delete_before(datetime(2026, 3, 3, 15, 0, tzinfo=plus_two)) == 1
+    left = store._conn.execute(f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts").fetchall()
+    assert left == [("ev0003",), ("ev0004",)]
+
+
+def test_app_deletes_events_past_retention_at_startup(proxy_factory: Any) -> None:
+    """`[reporting] retention_days`: a running proxy deletes older events (at start-up, then hourly)."""
+    store = DuckDBEventStore()
+    now = datetime.now(UTC)
+    store.insert(
+        [
+            make_event(1, timestamp=now - timedelta(days=31)),
+            make_event(2, timestamp=now - timedelta(days=29)),
+            make_event(3, timestamp=now - timedelta(minutes=1)),
+        ]
+    )
+    proxy_factory({"reporting": {"retention_days": 30}}, event_store=store)
+    deadline = time.monotonic() + 10
+    while store.count() != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ids = store._conn.execute(f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts").fetchall()
+    assert ids == [("ev0002",), ("ev0003",)]
