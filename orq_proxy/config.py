@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orq_proxy.proxy.http1 import origin_of
+
 __all__ = [
     "CONFIG_ENV",
     "ApiKeyConfig",
@@ -69,6 +71,7 @@ class UpstreamConfig(_Section):
     def _check_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        origin_of(value)  # the forwarding client's own rules (host, port, no query or credentials)
         return value.rstrip("/")
 
     def credential(self) -> str | None:

@@ -78,6 +78,8 @@ def test_upstream_flag_alone_is_enough() -> None:
     [
         ("[server]\nprot = 1\n", "server.prot"),
         ("[upstreams.a]\nbase_url = 'ftp://x'\n", "base_url must start with http"),
+        ("[upstreams.a]\nbase_url = 'http://x/v1?k=1'\n", "base_url must not have a query"),
+        ("[upstreams.a]\nbase_url = 'http://x:70000/v1'\n", "invalid port"),
         ("[[api_keys]]\nworkspace = 'w'\n", "exactly one of key or key_sha256"),
         ("[server]\nport = 'x'\n", "server.port"),
         (
