@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -183,6 +185,46 @@ def test_unreachable_upstream_is_502(client_for: ClientFactory, proxy_factory: A
         client_for(server).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert info.value.status_code == 502
     assert isinstance(info.value.body, dict) and "unreachable" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"\x16\x03\x01\x00\x2a not http at all", b"", b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\ncut"],
+    ids=["garbage", "closes", "dies-mid-body"],
+)
+def test_broken_upstream_answers(client_for: ClientFactory, proxy_factory: Any, answer: bytes) -> None:
+    """An upstream that answers garbage, or hangs up, before its headers is a 502; one that dies after
+    them cuts the client's response short (the SDK sees a broken connection, not a clean answer)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:  # one connection: neither the proxy nor the client (max_retries=0) retries
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        ups = {"openai": {"base_url": f"http://127.0.0.1:{port}/v1", "default": True}}
+        _, server = proxy_factory({"upstreams": ups})
+        client = client_for(server)
+        if answer.startswith(b"HTTP/1.1 200"):
+            with pytest.raises(openai.APIConnectionError):
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        else:
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            assert info.value.status_code == 502
+            assert isinstance(info.value.body, dict) and "unreachable" in info.value.body["message"]
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 @pytest.mark.parametrize("read_timeout", [600.0, 0.3])
