@@ -239,7 +239,7 @@ def build_app(
     components.update(pricer=pricer, bus=bus, prom=prom)
     startup.append(bus.start)
     shutdown.append(bus.stop)  # runs before the event store closes: queued events are flushed into it
-    routes.append(prometheus_route(prom, bus))
+    routes.append(prometheus_route(prom, bus, connections=upstream.connection_counts))
 
     # ---- proxied stack, innermost first ----
     app: ASGIApp = upstream

@@ -12,7 +12,7 @@ it), and rendered on each scrape.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -21,10 +21,20 @@ from starlette.routing import Route
 
 from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
 
+# Returns the upstream pool's (open, idle) connection counts (`UpstreamApp.connection_counts`).
+ConnectionCounts = Callable[[], tuple[int, int]]
+
 if TYPE_CHECKING:
     from orq_proxy.sinks.base import EventBus
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "OTHER", "PrometheusMetrics", "prometheus_route"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_BUCKETS",
+    "OTHER",
+    "ConnectionCounts",
+    "PrometheusMetrics",
+    "prometheus_route",
+]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -137,8 +147,8 @@ class PrometheusMetrics:
         hist.sum += seconds
 
     # -- rendering -----------------------------------------------------------------------------------
-    def render(self, bus: EventBus | None = None) -> str:
-        """The exposition text (ends with a newline)."""
+    def render(self, bus: EventBus | None = None, connections: ConnectionCounts | None = None) -> str:
+        """The exposition text (ends with a newline). `connections` gives the upstream pool's (open, idle)."""
         lines: list[str] = []
         base = self.base_labels
 
@@ -200,6 +210,15 @@ class PrometheusMetrics:
                 ):
                     labels = _labels(("sink", "reason"), (s.name, reason))
                     lines.append(f"orq_proxy_sink_events_dropped_total{labels} {n}")
+        if connections is not None:
+            open_now, idle = connections()
+            head(
+                "orq_proxy_upstream_connections",
+                "gauge",
+                "Upstream connections: all open, and idle in the pool.",
+            )
+            lines.append(f'orq_proxy_upstream_connections{{state="open"}} {open_now}')
+            lines.append(f'orq_proxy_upstream_connections{{state="idle"}} {idle}')
         return "\n".join(lines) + "\n"
 
     def _render_histogram(
@@ -219,10 +238,15 @@ class PrometheusMetrics:
             lines.append(f"{name}_count{_labels(names, key)} {cumulative}")
 
 
-def prometheus_route(prom: PrometheusMetrics, bus: EventBus | None = None, path: str = "/metrics") -> Route:
-    """A Starlette `Route` answering `GET path` with `prom.render(bus)`."""
+def prometheus_route(
+    prom: PrometheusMetrics,
+    bus: EventBus | None = None,
+    path: str = "/metrics",
+    connections: ConnectionCounts | None = None,
+) -> Route:
+    """A Starlette `Route` answering `GET path` with `prom.render(bus, connections)`."""
 
     async def metrics(request: Request) -> Response:
-        return Response(prom.render(bus), media_type=CONTENT_TYPE)
+        return Response(prom.render(bus, connections), media_type=CONTENT_TYPE)
 
     return Route(path, metrics, methods=["GET"])

@@ -137,6 +137,12 @@ class UpstreamApp:
             self._pool = ConnectionPool(limit=self.max_connections, keepalive_timeout=4.0)
         return self._pool
 
+    def connection_counts(self) -> tuple[int, int]:
+        """Upstream connections (open, idle in the pool), for `/metrics`."""
+        if self._pool is None:
+            return 0, 0
+        return self._pool.open_connections, self._pool.idle_connections()
+
     async def startup(self) -> None:
         _ = self.pool
 

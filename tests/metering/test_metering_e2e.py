@@ -354,3 +354,16 @@ def test_include_metrics_exact_after_known_sequence(
     assert metrics.error_rate == pytest.approx(2 / 6)
     assert metrics.total_tokens == sum(e.total_tokens for e in events)
     assert metrics.total_cost == round(sum(e.total_cost_nanos for e in events) / 1e9, 10)
+
+
+def test_metrics_show_upstream_connections(metered: Any, fake: FakeUpstream) -> None:
+    """/metrics gauges the upstream pool: none before the first request, then one kept alive and idle."""
+    _, server, sink, client = metered
+    before = httpx.get(server.url + "/metrics").text
+    assert 'orq_proxy_upstream_connections{state="open"} 0' in before
+    for _ in range(3):  # sequential requests reuse the one connection
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    wait_events(sink, 3)
+    after = httpx.get(server.url + "/metrics").text
+    assert 'orq_proxy_upstream_connections{state="open"} 1' in after
+    assert 'orq_proxy_upstream_connections{state="idle"} 1' in after
