@@ -102,3 +102,13 @@ def test_layers_measures_variants_against_bare() -> None:
         lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  orq-")}
         assert set(lines) == {"orq-full", "orq-bare"}, result.stdout
         assert "+0.0 us vs orq-bare" in lines["orq-bare"] and "1.00x" in lines["orq-bare"]
+
+
+def test_upstream_client_compares_the_pool_with_aiohttp() -> None:
+    """upstream_client.py drives both clients against the fake upstream and prints each against aiohttp."""
+    cmd = [sys.executable, str(BENCHMARKS / "upstream_client.py"), "--requests", "200", "--concurrency", "4"]
+    result = subprocess.run([*cmd, "--rounds", "1"], capture_output=True, text=True, timeout=120, check=True)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert set(lines) == {"aiohttp", "orq-pool"}, result.stdout
+    assert lines["aiohttp"].count("1.00x aiohttp") == 2
+    assert "us CPU/request" in lines["orq-pool"] and "req/s" in lines["orq-pool"]
