@@ -383,11 +383,9 @@ class _Periodic:
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
-        first = True
+        if not self.at_start:
+            await asyncio.sleep(self.interval)
         while True:
-            if not (first and self.at_start):
-                await asyncio.sleep(self.interval)
-            first = False
             try:
                 if self.in_thread:
                     await asyncio.to_thread(self.job)
@@ -395,6 +393,7 @@ class _Periodic:
                     self.job()
             except Exception:
                 logger.exception("periodic job %s failed", getattr(self.job, "__qualname__", self.job))
+            await asyncio.sleep(self.interval)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())

@@ -3,8 +3,8 @@
 A proxy forwards bytes it already has: a complete request body, raw header pairs, a path that is already
 percent-encoded. A general client (aiohttp) rebuilds all of that into its own models (URL objects, header
 multidicts, payload writers, cookie handling, a stream reader) and then takes it apart again; measured here
-that costs ~64 µs of CPU per request, against ~23 µs for asyncio transports plus the httptools parser
-(`docs/architecture.md`, "Forwarding"). So this module does only what forwarding needs:
+(`benchmarks/upstream_client.py`, 64 in flight) that costs ~67 µs of CPU per request, against ~31 µs for
+this pool of asyncio transports plus the httptools parser. So this module does only what forwarding needs:
 
 - `ConnectionPool.request()` writes the request line, the headers and the body in one write on a pooled
   connection (a new one when none is idle), and returns an `UpstreamResponse` once the status line and
@@ -163,9 +163,6 @@ class _Connection(asyncio.Protocol):
         # Any bytes count as progress (part of the headers, a chunk's framing): a waiter re-arms its timer.
         self._wake()
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport (connection_lost follows)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.complete or self.error is not None:
@@ -242,9 +239,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -276,7 +271,7 @@ def _expire(waiter: asyncio.Future[None], what: str) -> None:
 class UpstreamResponse:
     """The status and headers of an upstream answer, and its body to `read()`."""
 
-    __slots__ = ("_conn", "_done", "_read_timeout", "content_length", "headers", "status")
+    __slots__ = ("_conn", "_done", "_read_timeout", "headers", "status")
 
     def __init__(self, conn: _Connection, read_timeout: float) -> None:
         self._conn = conn
@@ -284,7 +279,6 @@ class UpstreamResponse:
         self._done = False
         self.status = conn.status
         self.headers = conn.headers  # raw (name, value) pairs as received
-        self.content_length = conn.content_length
 
     @property
     def at_eof(self) -> bool:
@@ -321,9 +315,9 @@ class UpstreamResponse:
         self._done = True
         conn = self._conn
         if conn.complete and conn.keep_alive and not conn.chunks and not conn.closed:
-            self._conn.pool._checkin(conn)
+            conn.pool._checkin(conn)
         else:
-            self._conn.pool._discard(conn)
+            conn.pool._discard(conn)
 
     def close(self) -> None:
         """Drop the connection (the exchange was cancelled or broken); stops the upstream's work on it."""
