@@ -58,6 +58,8 @@ class RequestContext:
         identity: who the request is attributed to (set by the identity layer; None = unattributed).
         metadata: request metadata (string map) for CEL matching and events.
         settle_hooks: called once, synchronously, with the final UsageEvent; must not raise or block.
+        budget_ids: the budgets this request's reservation is held against (set by the budget gate); the
+            usage event carries them, so budget counters can be rebuilt from the event store.
         status_code: the response status the client got (set by whoever answers).
         client_disconnected: the client went away before the response was complete.
         upstream_error: why the upstream failed (connect error, timeout, died mid-stream), if it did.
@@ -83,6 +85,7 @@ class RequestContext:
     identity: ResolvedIdentity | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     settle_hooks: list[Callable[[UsageEvent], None]] = field(default_factory=list)
+    budget_ids: tuple[str, ...] = ()
     status_code: int | None = None
     client_disconnected: bool = False
     upstream_error: str | None = None

@@ -24,6 +24,7 @@ __all__ = [
     "GRPC_UNAVAILABLE",
     "GRPC_UNIMPLEMENTED",
     "OrqAPIError",
+    "ServiceUnavailable",
     "openai_error",
     "orq_error",
 ]
@@ -64,6 +65,17 @@ _OPENAI_TYPE_BY_STATUS = {
 }
 
 
+# The proxy's own refusals that asking again cannot change: the official SDKs retry 429 twice by default
+# (one refused call would be three requests and three error events) unless told not to.
+_NO_RETRY_STATUSES = frozenset({403, 429})
+
+
+def _headers(status: int, headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    if status in _NO_RETRY_STATUSES:
+        return {**(headers or {}), "x-should-retry": "false"}
+    return dict(headers) if headers else None
+
+
 class _ErrorJSON(JSONResponse):
     """JSON rendered ASCII-only: an error message may quote client text, and an unpaired surrogate in it
     must not turn the 4xx into a crash while encoding (`\\ud800` escapes are valid JSON)."""
@@ -82,7 +94,8 @@ def openai_error(
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """An error for the proxied surface, in OpenAI's shape (`code` and `param` always present)."""
+    """An error for the proxied surface, in OpenAI's shape (`code` and `param` always present). A 403 or
+    429 carries `x-should-retry: false`: the SDKs would otherwise send a refused call again."""
     error: dict[str, Any] = {
         "message": message,
         "type": type or _OPENAI_TYPE_BY_STATUS.get(status, "api_error"),
@@ -91,7 +104,7 @@ def openai_error(
     }
     if extra:
         error.update(extra)
-    return _ErrorJSON({"error": error}, status_code=status, headers=dict(headers) if headers else None)
+    return _ErrorJSON({"error": error}, status_code=status, headers=_headers(status, headers))
 
 
 def orq_error(
@@ -103,9 +116,7 @@ def orq_error(
 ) -> JSONResponse:
     """An error for the management API, in orq's shape with a gRPC status code."""
     grpc = code if code is not None else _GRPC_BY_STATUS.get(status, GRPC_INTERNAL)
-    return _ErrorJSON(
-        {"message": message, "code": grpc}, status_code=status, headers=dict(headers) if headers else None
-    )
+    return _ErrorJSON({"message": message, "code": grpc}, status_code=status, headers=_headers(status, headers))
 
 
 class OrqAPIError(Exception):
@@ -123,3 +134,17 @@ class OrqAPIError(Exception):
 
     def response(self) -> JSONResponse:
         return orq_error(self.status, self.message, code=self.code)
+
+
+class ServiceUnavailable(Exception):
+    """A backend a request needs cannot answer (e.g. the Redis behind the budget counters): 503 on either
+    surface, naming the backend and the cause.
+
+    Example:
+        raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+    """
+
+    def __init__(self, service: str, cause: BaseException | None = None) -> None:
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        super().__init__(f"{service} is unavailable{detail}")
+        self.service = service

@@ -7,6 +7,7 @@ errors in orq's shape `{"message", "code"}` naming the field and the rule.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from orq_proxy.auth import KeyRing, Principal, bearer_token
-from orq_proxy.errors import OrqAPIError
+from orq_proxy.errors import OrqAPIError, ServiceUnavailable, orq_error
 from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "read_json_object",
     "validation_message",
 ]
+
+logger = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -98,7 +101,8 @@ def validation_message(exc: ValidationError) -> str:
 
 
 def orq_endpoint(func: Endpoint) -> Endpoint:
-    """Turn `OrqAPIError` and pydantic `ValidationError` into orq-shaped 4xx responses."""
+    """Turn `OrqAPIError` and pydantic `ValidationError` into orq-shaped 4xx responses, and a backend that
+    cannot answer (`ServiceUnavailable`) into a 503 naming it."""
 
     @functools.wraps(func)
     async def endpoint(request: Request) -> Response:
@@ -108,5 +112,8 @@ def orq_endpoint(func: Endpoint) -> Endpoint:
             return exc.response()
         except ValidationError as exc:
             return OrqAPIError(400, validation_message(exc)).response()
+        except ServiceUnavailable as exc:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc)
+            return orq_error(503, str(exc), headers={"Retry-After": "1"})
 
     return endpoint

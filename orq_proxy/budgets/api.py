@@ -307,15 +307,21 @@ class _BudgetsAPI:
                 )
             self._check_cel(update.match.cel)
             changes["cel"] = update.match.cel
+        # `limits` and `rate_limit` merge field by field: a field left out is unchanged, a field sent as
+        # null is removed (`{"limits": {"token_limit": null}}`); `"limits": null` removes all of them.
         if "limits" in given:
             limits = update.limits
-            changes["period"] = limits.period if limits else None
-            changes["amount_nanos"] = amount_to_nanos(limits.amount) if limits else None
-            changes["token_limit"] = limits.token_limit if limits else None
+            sent = limits.model_fields_set if limits is not None else {"period", "amount", "token_limit"}
+            if "period" in sent:
+                changes["period"] = limits.period if limits else None
+            if "amount" in sent:
+                changes["amount_nanos"] = amount_to_nanos(limits.amount) if limits else None
+            if "token_limit" in sent:
+                changes["token_limit"] = limits.token_limit if limits else None
         if "rate_limit" in given:
-            changes["requests_per_minute"] = (
-                update.rate_limit.requests_per_minute if update.rate_limit else None
-            )
+            rate_limit = update.rate_limit
+            if rate_limit is None or "requests_per_minute" in rate_limit.model_fields_set:
+                changes["requests_per_minute"] = rate_limit.requests_per_minute if rate_limit else None
         if update.is_active is not None:
             changes["is_active"] = update.is_active
         if update.clear_expires_at:
@@ -330,6 +336,8 @@ class _BudgetsAPI:
             self._check_alerts(update.alerts)
             changes["alerts"] = _edited_alerts(current.alerts, update.alerts)
         budget = dataclasses.replace(current, **changes)
+        if (budget.effective_period, budget.time_zone) != (current.effective_period, current.time_zone):
+            budget = dataclasses.replace(budget, counting_since=now)  # the counters start a new window
         self._check_budget(
             budget, now, check_expiry=update.expires_at is not None or update.is_active is True
         )
@@ -343,7 +351,11 @@ class _BudgetsAPI:
         principal = admin_principal(self.keyring, request)
         budget = await self._budget(principal.workspace, request)
         await read_json_object(request, allow_empty=True)  # always `{}`; anything else is still JSON-checked
-        await self.counters.reset(budget, self.clock.now())
+        now = self.clock.now()
+        # Recorded first: the ledger (the event store) then counts this period from here on, so the reset
+        # survives a restart that rebuilds the counters from it.
+        budget = await self.store.replace(dataclasses.replace(budget, counting_since=now))
+        await self.counters.reset(budget, now)
         return json_ok({"budget": budget_rest(budget)})
 
 

@@ -364,3 +364,24 @@ class InMemoryCounters:
 
     async def forget(self, budget_id: str) -> None:
         self._states.pop(budget_id, None)
+
+    def restore(
+        self,
+        budget: Budget,
+        spent_nanos: int,
+        spent_tokens: int,
+        request_times: Sequence[float],
+        now: datetime,
+    ) -> None:
+        """Set a budget's current-window consumption from the ledger (startup, before any request).
+
+        Alerts whose threshold the restored spend already reached count as fired for this window, so a
+        restart does not send them again.
+        """
+        now_ts = now.timestamp()
+        self._states.pop(budget.budget_id, None)
+        state = self._state(budget, now, now_ts)
+        state.spent_nanos = spent_nanos
+        state.spent_tokens = spent_tokens
+        state.requests.extend(t for t in request_times if t > now_ts - RATE_WINDOW_SECONDS)
+        self._crossed(budget, state, now)  # (marks them fired; nothing is sent)

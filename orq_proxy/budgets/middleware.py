@@ -148,6 +148,7 @@ class BudgetMiddleware:
             return
 
         reservation = reserved
+        ctx.budget_ids = tuple(part.budget.budget_id for part in reservation.parts)
         settled: list[UsageEvent] = []
         ctx.settle_hooks.append(settled.append)  # sync, cannot raise; the real work is in `finally`
         try:

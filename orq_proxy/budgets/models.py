@@ -122,6 +122,8 @@ class Budget:
         period: as the client sent it (None = not sent; counters then use `ONE_TIME`).
         amount_nanos / token_limit / requests_per_minute: the limits; None = no limit on that dimension.
         time_zone: IANA zone for the period boundaries (None = UTC); an extension to orq's API.
+        counting_since: when the current count began, if after its window's start (a reset, or a change of
+            period or time zone); rebuilding counters from the event store counts from here.
     """
 
     budget_id: str
@@ -139,6 +141,7 @@ class Budget:
     created_at: datetime
     updated_at: datetime
     time_zone: str | None = None
+    counting_since: datetime | None = None
 
     @property
     def effective_period(self) -> Period:
@@ -361,7 +364,8 @@ class BudgetCreate(_BudgetFields):
 
 
 class BudgetUpdate(_BudgetFields):
-    """`PATCH /v2/budgets/{id}`. Omitted fields are unchanged; `limits` and `rate_limit` replace wholesale."""
+    """`PATCH /v2/budgets/{id}`. Omitted fields are unchanged; `limits` and `rate_limit` merge field by field
+    (a field sent as null is removed)."""
 
     limits: LimitsIn | None = None
     rate_limit: RateLimitIn | None = None

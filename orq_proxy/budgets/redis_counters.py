@@ -24,9 +24,10 @@ Failure policy: budgets fail closed. A Redis error propagates; the middleware an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ulid import ULID
 
@@ -41,6 +42,7 @@ from orq_proxy.budgets.counters import (
 )
 from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
 from orq_proxy.budgets.periods import window
+from orq_proxy.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -196,6 +198,35 @@ def _num(value: Any) -> int:
     return int(value)
 
 
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis that cannot answer raises (redis-py's errors, sockets, timeouts)."""
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - the optional extra is not installed; nothing raises it
+        return (OSError, TimeoutError)
+    return (RedisError, OSError, TimeoutError)
+
+
+_UNAVAILABLE_ERRORS = _redis_errors()
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _unavailable_on_error(
+    method: Callable[Concatenate[RedisCounters, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RedisCounters, _P], Coroutine[Any, Any, _T]]:
+    """Raise `ServiceUnavailable` (503 on both surfaces) when Redis cannot answer."""
+
+    @functools.wraps(method)
+    async def call(self: RedisCounters, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(self, *args, **kwargs)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+
+    return call
+
+
 class RedisCounters:
     """`Counters` in Redis, for several replicas (see the module docstring).
 
@@ -240,6 +271,7 @@ class RedisCounters:
         return sig, str(int(start.timestamp())), expire_in, start, end
 
     # -- protocol ----------------------------------------------------------------------------------------
+    @_unavailable_on_error
     async def reserve(
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
     ) -> Reservation | Rejection:
@@ -277,6 +309,7 @@ class RedisCounters:
             resets = frees_at(budget, windows[index][1])
         return Rejection(budget, dimension, limit, used, requested, resets)
 
+    @_unavailable_on_error
     async def settle(
         self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
     ) -> list[AlertCrossing]:
@@ -325,6 +358,7 @@ class RedisCounters:
             )
         return crossings
 
+    @_unavailable_on_error
     async def release(self, reservation: Reservation, now: datetime) -> None:
         if reservation.done:
             return
@@ -345,6 +379,7 @@ class RedisCounters:
     async def usage(self, budget: Budget, now: datetime) -> Usage:
         return (await self.usage_many([budget], now))[0]
 
+    @_unavailable_on_error
     async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
         if not budgets:
             return []
@@ -366,12 +401,14 @@ class RedisCounters:
                 out.append(Usage(_num(spent), _num(tokens), requests))
         return out
 
+    @_unavailable_on_error
     async def reset(self, budget: Budget, now: datetime) -> None:
         base = self._base(budget)
         sig, start, expire_in, _s, _e = self._window(budget, now)
         keys = [base + ":h", base + ":rq", base + ":rs", base + ":f"]
         await self._reset(keys=keys, args=[sig, start, expire_in, repr(now.timestamp())])
 
+    @_unavailable_on_error
     async def forget(self, budget_id: str) -> None:
         # The workspace is not known here: find the budget's keys by pattern (rare: deletes only).
         pattern = f"{self.prefix}{{*}}:{budget_id}:*"
@@ -379,10 +416,16 @@ class RedisCounters:
         if keys:
             await self.client.delete(*keys)
 
+    @_unavailable_on_error
     async def reserved(self, budget: Budget) -> tuple[int, int]:
         """`(nano-USD, tokens)` reserved against a budget by requests in flight."""
         values = await self.client.hmget(self._base(budget) + ":h", ["rn", "rt"])
         return _num(values[0] or 0), _num(values[1] or 0)
+
+    @_unavailable_on_error
+    async def ping(self) -> None:
+        """Raise `ServiceUnavailable` unless Redis answers (`/readyz`)."""
+        await self.client.ping()
 
     async def aclose(self) -> None:
         """Close the Redis client (lifespan shutdown)."""

@@ -107,6 +107,10 @@ class BudgetStore(Protocol):
         """Every active, unexpired budget that applies to the request."""
         ...
 
+    async def all_budgets(self) -> list[Budget]:
+        """Every budget of every workspace (startup: rebuilding counters)."""
+        ...
+
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
@@ -201,6 +205,9 @@ class InMemoryBudgetStore:
     async def matching(self, facts: RequestFacts, now: datetime) -> list[Budget]:
         return self.index.match(facts, now)
 
+    async def all_budgets(self) -> list[Budget]:
+        return list(self._by_id.values())
+
     def _workspace_budgets(self, workspace: str) -> list[Budget]:
         return [self._by_id[i] for i in self._workspace_ids.get(workspace, ())]
 
@@ -261,6 +268,7 @@ def _to_json(budget: Budget) -> str:
             "created_at": time(budget.created_at),
             "updated_at": time(budget.updated_at),
             "time_zone": budget.time_zone,
+            "counting_since": time(budget.counting_since),
         },
         separators=(",", ":"),
     )
@@ -290,6 +298,7 @@ def _from_json(text: str) -> Budget:
         created_at=created,
         updated_at=updated,
         time_zone=data["time_zone"],
+        counting_since=time(data.get("counting_since")),  # (absent from records written before it)
     )
 
 

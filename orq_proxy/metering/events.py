@@ -8,11 +8,11 @@ also the names of reporting's `genai.usage` bundle; money is integer nano-USD (`
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["NANOS_PER_USD", "UsageEvent"]
+__all__ = ["NANOS_PER_USD", "BudgetConsumption", "UsageEvent"]
 
 NANOS_PER_USD = 1_000_000_000
 
@@ -56,6 +56,10 @@ class UsageEvent(BaseModel):
     usage_source: Literal["exact", "estimated"] = "exact"
     usage_note: str | None = Field(None, description="Why usage is estimated, when it is.")
     price_source: Literal["genai-prices", "override", "unknown"] = "genai-prices"
+    budget_ids: list[str] = Field(
+        default_factory=list,
+        description="Budgets the request was admitted against and charged to (the ledger behind them).",
+    )
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
@@ -75,3 +79,13 @@ class UsageEvent(BaseModel):
 
 
 _FIELDS = frozenset(UsageEvent.model_fields)
+
+
+class BudgetConsumption(NamedTuple):
+    """What the events charged to one budget since its count started: nano-USD, tokens, and the arrival
+    times (Unix seconds, ascending) of its requests inside the rate window. The event store computes it
+    from `UsageEvent.budget_ids`; the budget counters are rebuilt from it at startup."""
+
+    cost_nanos: int
+    tokens: int
+    request_times: tuple[float, ...]

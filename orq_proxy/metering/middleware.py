@@ -2,8 +2,9 @@
 
 It sits just outside the upstream app and wraps `send`: every chunk is forwarded at once while a usage tap
 reads it on the side (`taps.py`, bounded memory). For a chat or legacy-completions stream whose client did
-not ask for usage, it sets `stream_options.include_usage` upstream and hides what that adds (the
-usage-only chunk and the `"usage":null` fields), so the client gets the bytes OpenAI would have sent it.
+not ask for usage, it sets `stream_options.include_usage` upstream and hides what that adds (the usage on
+whatever chunk carries it, the chunks left with nothing else, the `"usage":null` fields), so the client gets
+the bytes the upstream would have sent it.
 
 Settlement happens once, in `finally`, on success, upstream error, exception, or client disconnect: the
 event (exact usage, or an estimate flagged `usage_source="estimated"` with the reason in `usage_note`)
@@ -299,6 +300,7 @@ class MeteringMiddleware:
                 "usage_source": "exact" if usage_note is None else "estimated",
                 "usage_note": usage_note,
                 "price_source": cost.source,
+                "budget_ids": list(ctx.budget_ids),
                 "metadata": dict(ctx.metadata),
             }
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from operator import itemgetter
@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.metering.events import BudgetConsumption, UsageEvent
 
 __all__ = [
     "COLUMN_DEFAULTS",
@@ -66,6 +66,7 @@ EVENT_COLUMNS: dict[str, str] = {
     "usage_source": "VARCHAR",
     "usage_note": "VARCHAR",
     "price_source": "VARCHAR",
+    "budget_ids": "VARCHAR[]",
     "metadata": "VARCHAR",  # JSON object text
 }
 
@@ -98,9 +99,12 @@ _OPTIONAL_GROUPS: tuple[tuple[tuple[str, Any, str], ...], ...] = (
     (("credential_type", "api_key", "'api_key'"),),
     (("ttft_ms", None, "NULL"),),
     (("usage_note", None, "NULL"),),
+    (("budget_ids", [], "[]"),),
     (("metadata", "{}", "'{}'"),),
 )
 COLUMN_DEFAULTS: dict[str, str] = {name: sql for group in _OPTIONAL_GROUPS for name, _, sql in group}
+# Columns added after files were first written: `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` when opened.
+_ADDED_COLUMNS = {"budget_ids": EVENT_COLUMNS["budget_ids"]}
 _INDEX = {name: i for i, name in enumerate(EVENT_COLUMNS)}
 # Per group: (its columns' values of a row, as a tuple; the defaults' tuple).
 _GROUP_CHECKS = [
@@ -156,6 +160,10 @@ def _rows_by_shape(events: Sequence[UsageEvent]) -> dict[int, list[tuple[Any, ..
     return out
 
 
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+
+
 class DuckDBEventStore:
     """Owns one DuckDB database holding the `usage_events` table.
 
@@ -172,6 +180,10 @@ class DuckDBEventStore:
             for name, kind in EVENT_COLUMNS.items()
         )
         self._conn.execute(f"CREATE TABLE IF NOT EXISTS {EVENTS_TABLE} ({cols})")
+        for name, kind in _ADDED_COLUMNS.items():  # a file written before these columns existed
+            self._conn.execute(
+                f"ALTER TABLE {EVENTS_TABLE} ADD COLUMN IF NOT EXISTS {name} {kind} DEFAULT {COLUMN_DEFAULTS[name]}"
+            )
         for name, default in COLUMN_DEFAULTS.items():  # a file written before the defaults existed
             self._conn.execute(f"ALTER TABLE {EVENTS_TABLE} ALTER COLUMN {name} SET DEFAULT {default}")
 
@@ -227,6 +239,47 @@ class DuckDBEventStore:
             finally:
                 cur.close()
         return int(row[0]) if row else 0
+
+    def budget_consumption(
+        self, since: Mapping[str, datetime], requests_since: datetime
+    ) -> dict[str, BudgetConsumption]:
+        """What the events charged to each budget of `since` (budget id -> the instant its count starts),
+        for rebuilding budget counters at startup (blocking: one query over the oldest window).
+
+        An event is charged when its request settled (`ts + latency_ms`: a request that straddles a window
+        boundary counts in the window it finished in, as the counters did); the request counts for the rate
+        window at its arrival (`ts`) when that is at or after `requests_since`. Budgets with nothing charged
+        are left out.
+        """
+        if not since:
+            return {}
+        ids = list(since)
+        starts = [_naive_utc(since[i]) for i in ids]
+        window_start = _naive_utc(requests_since)
+        cur = self.cursor()
+        try:
+            rows = cur.execute(
+                f"WITH b AS (SELECT unnest(?::VARCHAR[]) AS budget_id, unnest(?::TIMESTAMP[]) AS since), "
+                f"e AS (SELECT unnest(budget_ids) AS budget_id, ts, "
+                f"ts + to_microseconds(CAST(round(latency_ms * 1000) AS BIGINT)) AS settled, "
+                f"total_cost_nanos, total_tokens FROM {EVENTS_TABLE} "
+                f"WHERE len(budget_ids) > 0 AND ts >= CAST(? AS TIMESTAMP) - INTERVAL 1 DAY) "
+                f"SELECT budget_id, sum(total_cost_nanos) FILTER (WHERE settled >= since), "
+                f"sum(total_tokens) FILTER (WHERE settled >= since), "
+                f"list(epoch_us(ts) ORDER BY ts) FILTER (WHERE ts >= CAST(? AS TIMESTAMP) AND settled >= since) "
+                f"FROM e JOIN b USING (budget_id) GROUP BY budget_id",
+                # (a request may run for hours, so events that arrived a day before the earliest window
+                # still count when they settled inside it)
+                [ids, starts, min(starts), window_start],
+            ).fetchall()
+        finally:
+            cur.close()
+        return {
+            budget_id: BudgetConsumption(
+                int(cost or 0), int(tokens or 0), tuple(us / 1_000_000 for us in times or ())
+            )
+            for budget_id, cost, tokens, times in rows
+        }
 
     def count(self) -> int:
         cur = self._conn.cursor()

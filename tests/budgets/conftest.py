@@ -3,6 +3,7 @@ backend in turn (in memory, and Redis at 127.0.0.1:6379 under a random key prefi
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -66,12 +67,31 @@ def make_budget() -> MakeBudget:
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis (127.0.0.1:6379), which the Redis-backed budget tests need; if it does not
+    answer, every one of them fails with this one message instead of a connection error each."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                raise OSError("it did not answer PING")
+    except OSError as exc:
+        pytest.fail(
+            f"no Redis server at 127.0.0.1:6379 ({exc}): the Redis-backed budget tests need one; start it "
+            "with `redis-server --port 6379 --save '' --daemonize yes` (.ci/run does)",
+            pytrace=False,
+        )
+    return REDIS_URL
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Counters]:
     """Each counters backend; the Redis one under a fresh key prefix, deleted afterwards."""
     if request.param == "memory":
         yield InMemoryCounters()
         return
+    request.getfixturevalue("redis_url")
     prefix = f"test-orq:{ULID()}:"
     backend = redis_counters_from_url(REDIS_URL, prefix=prefix)
     client = backend.client

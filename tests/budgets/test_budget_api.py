@@ -169,7 +169,7 @@ def test_admin_keys_only(server: ServerThread) -> None:
 
 
 def test_update_semantics(orq: Orq, clock: FakeClock) -> None:
-    """Omitted fields stay; limits/rate_limit replace; expiry clears; alerts are edited by id."""
+    """Omitted fields stay; limits/rate_limit merge field by field; expiry clears; alerts are edited by id."""
     created = orq.budgets.create(
         scope={"identity": {"identity_external_id": "u1"}},
         limits={"period": "BUDGET_PERIOD_MONTHLY", "amount": 10.0, "token_limit": 1000},
@@ -199,7 +199,7 @@ def test_update_semantics(orq: Orq, clock: FakeClock) -> None:
             BudgetAlert(threshold_percent=30, notifier_ids=["n1"]),
         ],
     ).budget
-    assert updated.limits.amount == 20.0 and updated.limits.token_limit is None  # limits replaced wholesale
+    assert updated.limits.amount == 20.0 and updated.limits.token_limit == 1000  # limits merged
     assert updated.rate_limit is not None and updated.rate_limit.requests_per_minute == 10
     assert updated.expires_at is None
     assert updated.alerts is not None
@@ -213,6 +213,31 @@ def test_update_semantics(orq: Orq, clock: FakeClock) -> None:
     assert updated.alerts is None
     fetched = orq.budgets.get(budget_id=created.budget_id).budget
     assert fetched.limits.amount == 20.0 and fetched.alerts is None and fetched.is_active is False
+
+
+def test_update_merges_limits_field_by_field(orq: Orq, server: ServerThread) -> None:
+    """PATCH `limits: {"amount": 7}` changes the amount only: the period and token limit stay; a field sent
+    as null is removed; `rate_limit: {}` leaves the rate limit alone, and null removes it."""
+    created = orq.budgets.create(
+        scope={"workspace": {}},
+        limits={"period": "BUDGET_PERIOD_MONTHLY", "amount": 10.0, "token_limit": 1000},
+        rate_limit={"requests_per_minute": 60},
+    ).budget
+    updated = orq.budgets.update(budget_id=created.budget_id, limits={"amount": 7.0}).budget
+    assert updated.limits.period == "BUDGET_PERIOD_MONTHLY"
+    assert (updated.limits.amount, updated.limits.token_limit) == (7.0, 1000)
+    assert updated.rate_limit is not None and updated.rate_limit.requests_per_minute == 60
+    path = f"/v2/budgets/{created.budget_id}"
+    response = raw(server, "PATCH", path, json={"limits": {"token_limit": None}, "rate_limit": {}})
+    assert response.status_code == 200, response.text
+    limits = response.json()["budget"]["limits"]
+    assert limits == {"period": "BUDGET_PERIOD_MONTHLY", "amount": 7}
+    assert response.json()["budget"]["rateLimit"] == {"requestsPerMinute": 60}
+    response = raw(server, "PATCH", path, json={"rate_limit": {"requests_per_minute": None}})
+    assert response.status_code == 200 and "rateLimit" not in response.json()["budget"]
+    fetched = orq.budgets.get(budget_id=created.budget_id).budget
+    assert fetched.limits.period == "BUDGET_PERIOD_MONTHLY" and fetched.limits.amount == 7.0
+    assert fetched.limits.token_limit is None and fetched.rate_limit is None
 
 
 def test_update_match_only_for_cel_budgets(orq: Orq, server: ServerThread) -> None:
@@ -229,7 +254,7 @@ def test_update_match_only_for_cel_budgets(orq: Orq, server: ServerThread) -> No
     )
     response = raw(server, "PATCH", f"/v2/budgets/{scoped.budget_id}", json={"scope": {"workspace": {}}})
     assert response.status_code == 400 and response.json()["message"].startswith("scope: ")
-    response = raw(server, "PATCH", f"/v2/budgets/{scoped.budget_id}", json={"limits": {}})
+    response = raw(server, "PATCH", f"/v2/budgets/{scoped.budget_id}", json={"limits": {"amount": None}})
     assert response.status_code == 400 and "at least one of limits.amount" in response.json()["message"]
     response = raw(
         server,

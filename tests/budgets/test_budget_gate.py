@@ -327,7 +327,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
-def redis_gate(proxy_factory: Any, fake: FakeUpstream) -> Iterator[Gate]:
+def redis_gate(proxy_factory: Any, fake: FakeUpstream, redis_url: str) -> Iterator[Gate]:
     """A gate whose counters live in Redis (random key prefix, deleted afterwards)."""
     prefix = f"test-orq:{ULID()}:"
     counters = redis_counters_from_url(REDIS_URL, prefix=prefix)
@@ -373,7 +373,7 @@ def test_redis_counters_through_the_proxy(redis_gate: Gate) -> None:
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "budget_exceeded"
 
 
-def test_storage_counters_setting(proxy_factory: Any, fake: FakeUpstream) -> None:
+def test_storage_counters_setting(proxy_factory: Any, fake: FakeUpstream, redis_url: str) -> None:
     """`[storage] counters` picks the backend; anything else is a config error naming the key."""
     app, _ = proxy_factory({"storage": {"counters": REDIS_URL}})
     assert isinstance(app.components["budget_counters"], RedisCounters)
@@ -381,3 +381,19 @@ def test_storage_counters_setting(proxy_factory: Any, fake: FakeUpstream) -> Non
     assert isinstance(app.components["budget_counters"], InMemoryCounters)
     with pytest.raises(ValidationError, match="counters must be 'memory' or a redis:// URL"):
         ProxyConfig.model_validate({"storage": {"counters": "postgres://x"}})
+
+
+def test_sdk_default_retries_do_not_repeat_a_refusal(gate: Gate, fake: FakeUpstream) -> None:
+    """The openai SDK retries 429 twice by default; the proxy's own 429 says `x-should-retry: false`, so
+    a refused call is one request and one error event, for a budget and for a rate limit alike."""
+    gate.budget({"scope": {"project": {"project_id": "proj"}}, "rate_limit": {"requests_per_minute": 1}})
+    gate.budget({"scope": {"api_key": {"api_key_id": "user_key"}}, "limits": {"amount": 0.0}})
+    with openai.OpenAI(base_url=gate.server.url + "/v1", api_key=USER, timeout=10) as retrying:
+        assert retrying.max_retries == 2  # the SDK's default, which this test is about
+        with pytest.raises(openai.RateLimitError) as info:  # the amount-0 budget refuses first
+            retrying.chat.completions.create(model="test-model", messages=MESSAGES, max_tokens=10)
+        assert info.value.response.headers["x-should-retry"] == "false"
+    wait_for(lambda: len(gate.sink.events) >= 1)
+    time.sleep(0.3)  # longer than the bus flush: retried requests would show up as more events
+    assert [e.http_status for e in gate.sink.events] == [429]
+    assert fake.requests == []

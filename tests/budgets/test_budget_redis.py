@@ -23,7 +23,7 @@ USD = 1_000_000_000
 
 
 @pytest.fixture
-async def replicas() -> AsyncIterator[tuple[RedisCounters, RedisCounters]]:
+async def replicas(redis_url: str) -> AsyncIterator[tuple[RedisCounters, RedisCounters]]:
     """Two `RedisCounters` with their own connections and the same key prefix, like two proxies."""
     prefix = f"test-orq:{ULID()}:"
     a = redis_counters_from_url(REDIS_URL, prefix=prefix)
