@@ -8,6 +8,8 @@ client at `http://127.0.0.1:8000/llm/v1`. With FastAPI it is the same: `app.moun
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,18 +22,26 @@ from orq_proxy.config import ProxyConfig
 
 async def hello(request: Request) -> JSONResponse:
     """One of the host app's own routes."""
-    return JSONResponse({"hello": "from the host app"})
+    return JSONResponse({"hello": request.app.state.greeting})
 
 
 def create_app(upstream_url: str, upstream_key: str | None = None) -> tuple[Starlette, OrqProxy]:
-    """The host app with the proxy mounted at `/llm`; the proxy's lifespan runs inside the host's."""
+    """The host app with the proxy mounted at `/llm`; the proxy's lifespan runs inside the host's.
+
+    Starlette does not run a mounted app's lifespan, so the host's own lifespan enters the proxy's (with no
+    lifespan of its own, `lifespan=proxy.lifespan` does the same).
+    """
     upstream = {"base_url": upstream_url, "api_key": upstream_key, "default": True}
     config = ProxyConfig.model_validate({"upstreams": {"openai": upstream}})
     proxy = build_app(config)
-    app = Starlette(
-        routes=[Route("/hello", hello), Mount("/llm", app=proxy)],
-        lifespan=proxy.lifespan,
-    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with proxy.lifespan(app):
+            app.state.greeting = "from the host app"  # the host's own startup goes here
+            yield
+
+    app = Starlette(routes=[Route("/hello", hello), Mount("/llm", app=proxy)], lifespan=lifespan)
     return app, proxy
 
 

@@ -28,6 +28,7 @@ from orq_proxy.budgets.alerts import AlertDispatcher
 from orq_proxy.budgets.api import BudgetIdentityHooks
 from orq_proxy.budgets.api import routes as budget_routes
 from orq_proxy.budgets.counters import Counters, InMemoryCounters
+from orq_proxy.budgets.ledger import rebuild_counters
 from orq_proxy.budgets.middleware import BudgetMiddleware
 from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
 from orq_proxy.budgets.store import BudgetStore, SqliteBudgetStore, budget_store_from_url
@@ -111,6 +112,11 @@ class OrqProxy:
         self._startup = startup
         self._shutdown = shutdown
         self.ready = False
+        # "new" until a lifespan (or the first request, when none ran) starts the resources; "stopped" after
+        # a lifespan shut them down (requests then are not allowed to start them again).
+        self._state = "new"
+        self._start_lock = asyncio.Lock()
+        self._lazy_lifespan: contextlib.AbstractAsyncContextManager[None] | None = None
         self.management = Starlette(
             routes=routes, lifespan=self.lifespan, exception_handlers=_MANAGEMENT_ERROR_HANDLERS
         )
@@ -126,23 +132,39 @@ class OrqProxy:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """Start the shared resources, yield, stop them (in reverse order)."""
-        started: list[int] = []
+        self._state = "running"
         try:
-            for i, hook in enumerate(self._startup):
+            for hook in self._startup:
                 await hook()
-                started.append(i)
             self.ready = True
             yield
         finally:
             self.ready = False
+            self._state = "stopped"
             for hook in reversed(self._shutdown):
                 try:
                     await hook()
                 except Exception:
                     logger.exception("shutdown step %s failed", getattr(hook, "__qualname__", hook))
 
+    async def _start_without_lifespan(self) -> None:
+        """The host never ran our lifespan (Starlette does not run a mounted app's): start the shared
+        resources now, once, so that no usage event is lost; say so once."""
+        async with self._start_lock:
+            if self._state != "new":
+                return
+            logger.warning(
+                "orq-proxy's lifespan did not run (mounted without it?): starting its resources on the first "
+                "request. Run it in the host app's lifespan (`async with proxy.lifespan(app): yield`) so "
+                "they also stop cleanly and queued usage events are flushed at shutdown"
+            )
+            self._lazy_lifespan = self.lifespan()
+            await self._lazy_lifespan.__aenter__()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self._state == "new":
+                await self._start_without_lifespan()
             path = route_path(scope)
             for prefix in PROXY_PREFIXES:
                 if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
@@ -176,6 +198,8 @@ def build_app(
             "no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'"
         )
     event_store = event_store or DuckDBEventStore.from_url(config.storage.events)
+    _warn_about_lifetimes(config, event_store)
+    _warn_about_credentials(config)
     upstream = UpstreamApp(targets_from_config(config.upstreams))
     components: dict[str, Any] = {"event_store": event_store, "upstream": upstream}
     startup: list[Hook] = [upstream.startup]
@@ -216,6 +240,17 @@ def build_app(
         budget_counters = _budget_counters(config.storage.counters)
         if isinstance(budget_counters, RedisCounters):
             shutdown.append(budget_counters.aclose)  # after the gate's drain (shutdown runs in reverse)
+    if isinstance(budget_counters, InMemoryCounters):
+        # In-memory counters start empty: rebuild the current windows from the event store (the ledger), so
+        # durable records and a file event store give a durable budget.
+        counters, records = budget_counters, budget_store
+
+        async def restore_budget_counters() -> None:
+            restored = await rebuild_counters(records, counters, event_store, clock.now())
+            if restored:
+                logger.info("budgets: rebuilt the counters of %d budgets from the event store", restored)
+
+        startup.append(restore_budget_counters)
     budget_alerts: AlertDispatcher = overrides.get("budget_alerts") or AlertDispatcher(config.notifiers)
     components.update(budget_store=budget_store, budget_counters=budget_counters, budget_alerts=budget_alerts)
     startup.append(budget_alerts.start)
@@ -227,11 +262,13 @@ def build_app(
 
     # metering: prices (genai-prices + `[prices."provider/model"]`), the sink bus (the event store that
     # reporting reads, `[[sinks]]`, and `sinks=[...]` passed here), Prometheus counters for /metrics.
+    # Each upstream's genai-prices provider is resolved once, here (`prices_as`, its name, or none).
     pricer: Pricer = overrides.get("pricer") or Pricer(
         {
             ref: (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
             for ref, p in config.prices.items()
-        }
+        },
+        prices_as={name: up.prices_as for name, up in config.upstreams.items()},
     )
     extra_sinks: list[UsageSink] = list(overrides.get("sinks") or ())
     bus: EventBus = overrides.get("bus") or EventBus([*build_sinks(config, event_store), *extra_sinks])
@@ -278,9 +315,17 @@ def build_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    # /readyz asks every remote backend to answer (each within _READY_TIMEOUT seconds).
+    readiness: dict[str, Callable[[], Awaitable[None]]] = {}
+    if isinstance(budget_counters, RedisCounters):
+        readiness["budget counters (Redis)"] = budget_counters.ping
+
     async def readyz(request: Request) -> Response:
         if not proxy.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        failing = await _failing_backends(readiness)
+        if failing:
+            return JSONResponse({"status": "unavailable", "failing": failing}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     routes += identity_routes(
@@ -360,6 +405,54 @@ def untune_gc() -> None:
     gc.unfreeze()
     _, second, third = gc.get_threshold()
     gc.set_threshold(700, second, third)
+
+
+_READY_TIMEOUT = 2.0
+
+
+async def _failing_backends(checks: dict[str, Callable[[], Awaitable[None]]]) -> dict[str, str]:
+    """Backend name -> why it cannot answer, for the checks that fail (all run at once, bounded)."""
+
+    async def check(probe: Callable[[], Awaitable[None]]) -> str | None:
+        try:
+            await asyncio.wait_for(probe(), _READY_TIMEOUT)
+        except TimeoutError:
+            return f"no answer within {_READY_TIMEOUT:g} s"
+        except Exception as exc:
+            return str(exc)
+        return None
+
+    names = list(checks)
+    results = await asyncio.gather(*(check(checks[name]) for name in names))
+    return {name: why for name, why in zip(names, results, strict=True) if why is not None}
+
+
+def _warn_about_credentials(config: ProxyConfig) -> None:
+    """An `api_key_env` that is not set means every call goes upstream without a credential (and gets
+    401 there): say so at startup, naming the variable and the upstream."""
+    for name, upstream in config.upstreams.items():
+        if upstream.api_key_env and not upstream.api_key and upstream.credential() is None:
+            logger.warning(
+                "upstream %r (%s): api_key_env %s is not set; calls will reach it without a credential",
+                name,
+                upstream.base_url,
+                upstream.api_key_env,
+            )
+
+
+def _warn_about_lifetimes(config: ProxyConfig, event_store: DuckDBEventStore) -> None:
+    """Say at startup what does not outlive the process with this `[storage]`."""
+    storage = config.storage
+    if storage.state == "memory":
+        logger.warning(
+            "[storage] state = \"memory\": identities, budgets and their spend last only as long as this "
+            "process; set state = \"sqlite:///<path>\" and events = \"duckdb:///<path>\" to keep them"
+        )
+    elif event_store.path == ":memory:" and storage.counters == "memory":
+        logger.warning(
+            "[storage] events are in memory: budgets survive a restart but their spend starts again at "
+            "zero (it is rebuilt from the event store); set events = \"duckdb:///<path>\" to keep it"
+        )
 
 
 def _budget_counters(url: str) -> Counters:

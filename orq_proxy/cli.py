@@ -20,7 +20,13 @@ def _serve(args: argparse.Namespace) -> int:
     from orq_proxy.app import build_app
 
     try:
-        config = load_config(args.config, host=args.host, port=args.port, upstream=args.upstream)
+        config = load_config(
+            args.config,
+            host=args.host,
+            port=args.port,
+            upstream=args.upstream,
+            upstream_key_env=args.upstream_key_env,
+        )
         config.check_bind()
         app = build_app(config)
     except (ConfigError, ValueError) as exc:
@@ -89,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.add_argument(
         "--upstream", help="base URL of the default OpenAI-compatible upstream, e.g. http://h/v1"
+    )
+    serve.add_argument(
+        "--upstream-key-env",
+        metavar="NAME",
+        help="environment variable holding the --upstream credential (default OPENAI_API_KEY)",
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

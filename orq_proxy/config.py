@@ -14,10 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orq_proxy.metering.pricing import genai_provider_ids
 from orq_proxy.proxy.http1 import origin_of
 
 __all__ = [
     "CONFIG_ENV",
+    "DEFAULT_UPSTREAM_KEY_ENV",
     "ApiKeyConfig",
     "BudgetsConfig",
     "ConfigError",
@@ -65,6 +67,11 @@ class UpstreamConfig(_Section):
         600.0, gt=0, description="Seconds to wait for response headers; 504 after."
     )
     read_timeout: float = Field(600.0, gt=0, description="Seconds to wait between two body chunks.")
+    prices_as: str | None = Field(
+        None,
+        description="The genai-prices provider whose prices apply (`openai`); default: the provider the "
+        "upstream's name names, else the model is matched across providers.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -73,6 +80,16 @@ class UpstreamConfig(_Section):
             raise ValueError("base_url must start with http:// or https://")
         origin_of(value)  # the forwarding client's own rules (host, port, no query or credentials)
         return value.rstrip("/")
+
+    @field_validator("prices_as")
+    @classmethod
+    def _check_prices_as(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        known = genai_provider_ids()  # the pricer's own list (loads the price table, once per process)
+        if value not in known:
+            raise ValueError(f"unknown genai-prices provider {value!r}; known: {', '.join(sorted(known))}")
+        return value
 
     def credential(self) -> str | None:
         """The upstream API key: `api_key`, else the value of the `api_key_env` variable."""
@@ -206,16 +223,22 @@ def _format_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+DEFAULT_UPSTREAM_KEY_ENV = "OPENAI_API_KEY"
+
+
 def load_config(
     path: str | Path | None = None,
     *,
     host: str | None = None,
     port: int | None = None,
     upstream: str | None = None,
+    upstream_key_env: str | None = None,
 ) -> ProxyConfig:
     """Read the TOML file (or `$ORQ_PROXY_CONFIG`), then apply CLI overrides.
 
-    `upstream` adds (or replaces) an upstream named `openai` and makes it the default.
+    `upstream` adds (or replaces) an upstream named `openai` and makes it the default. Its credential is
+    the variable `upstream_key_env` names; without one, what the file gives it, else `OPENAI_API_KEY` (as
+    the openai SDK reads it).
     """
     path = path or os.environ.get(CONFIG_ENV) or None
     data: dict[str, Any] = {}
@@ -235,8 +258,16 @@ def load_config(
     data["server"] = server
     if upstream is not None:
         ups = {name: {**up, "default": False} for name, up in (data.get("upstreams") or {}).items()}
-        ups["openai"] = {**ups.get("openai", {}), "base_url": upstream, "default": True}
+        entry = {**ups.get("openai", {}), "base_url": upstream, "default": True}
+        if upstream_key_env is not None:
+            entry.pop("api_key", None)
+            entry["api_key_env"] = upstream_key_env
+        elif not entry.get("api_key") and not entry.get("api_key_env"):
+            entry["api_key_env"] = DEFAULT_UPSTREAM_KEY_ENV
+        ups["openai"] = entry
         data["upstreams"] = ups
+    elif upstream_key_env is not None:
+        raise ConfigError("--upstream-key-env needs --upstream (in a config file, set api_key_env)")
     try:
         return ProxyConfig.model_validate(data)
     except ValidationError as exc:

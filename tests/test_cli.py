@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from orq_proxy.app import tune_gc, untune_gc
+
+UPSTREAM_KEY = "sk-upstream-secret"
 
 
 def free_port() -> int:
@@ -23,31 +29,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_with_upstream_flag(fake_server: Any, tmp_path: Path) -> None:
-    """`python -m orq_proxy serve --upstream URL` proxies in open mode until terminated."""
-    fake, upstream = fake_server
-    fake.reset()
+@contextmanager
+def serving(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[int, list[str]]]:
+    """`python -m orq_proxy serve --port P *args` until the block ends (then Ctrl-C); yields the port and
+    a list that holds the process's output once it has exited."""
     port = free_port()
-    config = tmp_path / "c.toml"
-    config.write_text('[upstreams.openai]\nbase_url = "http://unused/v1"\napi_key = "sk-upstream-secret"\n')
+    environment = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    environment.update(env or {})
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orq_proxy",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--upstream",
-            upstream.url + "/v1",
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, "-m", "orq_proxy", "serve", "--port", str(port), "--log-level", "warning", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        env=environment,
     )
+    output: list[str] = []
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -58,18 +53,64 @@ def test_serve_with_upstream_flag(fake_server: Any, tmp_path: Path) -> None:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "proxy did not start"
             time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        out = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-        assert out.usage is not None and out.usage.completion_tokens == 8
+        yield port, output
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully and Python exits normally
-        output = proc.communicate(timeout=20)[0].decode()
+        output.append(proc.communicate(timeout=20)[0].decode())
     # uvicorn re-raises the signal it stopped on after a graceful shutdown: -2 is its normal exit here.
-    assert proc.returncode in (0, -2), output
-    assert "Traceback" not in output, output
-    assert "OPEN MODE" in output
+    assert proc.returncode in (0, -2), output[0]
+    assert "Traceback" not in output[0], output[0]
+
+
+def chat(port: int) -> Any:
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as client:
+        return client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_serve_with_upstream_flag(fake_server: Any, tmp_path: Path) -> None:
+    """`python -m orq_proxy serve --upstream URL` proxies in open mode until terminated."""
+    fake, upstream = fake_server
+    fake.reset()
+    config = tmp_path / "c.toml"
+    config.write_text('[upstreams.openai]\nbase_url = "http://unused/v1"\napi_key = "sk-upstream-secret"\n')
+    with serving(["--config", str(config), "--upstream", upstream.url + "/v1"]) as (port, output):
+        out = chat(port)
+        assert out.usage is not None and out.usage.completion_tokens == 8
+    assert "OPEN MODE" in output[0]
     # The GC was tuned after startup (objects frozen) and untuned at shutdown: nothing reported leaked.
-    assert "leaked" not in output, output
+    assert "leaked" not in output[0], output[0]
+
+
+def test_upstream_flag_takes_the_credential_from_openai_api_key(fake_server: Any) -> None:
+    """`--upstream URL` alone sends `OPENAI_API_KEY` upstream, as the openai SDK would (the fake upstream
+    answers 401 without the right credential)."""
+    fake, upstream = fake_server
+    fake.reset()
+    with serving(["--upstream", upstream.url + "/v1"], env={"OPENAI_API_KEY": UPSTREAM_KEY}) as (port, _):
+        assert chat(port).usage is not None
+    assert fake.requests[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_upstream_key_env_names_the_variable(fake_server: Any) -> None:
+    """`--upstream-key-env NAME` reads the credential from NAME instead."""
+    fake, upstream = fake_server
+    fake.reset()
+    args = ["--upstream", upstream.url + "/v1", "--upstream-key-env", "MY_GATEWAY_KEY"]
+    with serving(args, env={"MY_GATEWAY_KEY": UPSTREAM_KEY, "OPENAI_API_KEY": "sk-wrong"}) as (port, _):
+        assert chat(port).usage is not None
+    assert fake.requests[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_an_unset_key_variable_is_a_startup_warning(fake_server: Any) -> None:
+    """An `api_key_env` that is not set is said at startup, naming the variable and the upstream; the
+    upstream's 401 then reaches the client as it is."""
+    _, upstream = fake_server
+    with (
+        serving(["--upstream", upstream.url + "/v1"]) as (port, output),
+        pytest.raises(openai.AuthenticationError),
+    ):
+        chat(port)
+    assert "api_key_env OPENAI_API_KEY is not set" in output[0] and "'openai'" in output[0], output[0]
 
 
 def test_tune_gc_freezes_startup_objects_and_untune_restores() -> None:

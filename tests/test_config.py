@@ -112,3 +112,27 @@ def test_open_mode_refuses_public_bind() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         load_config(upstream="http://x/v1", host="0.0.0.0").check_bind()
     load_config(upstream="http://x/v1", host="::1").check_bind()
+
+
+def test_prices_as_accepted(tmp_path: Path) -> None:
+    """`prices_as` names a genai-prices provider; left out, it is None (priced by the upstream's name)."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[upstreams.litellm]\nbase_url = 'http://127.0.0.1:4000/v1'\nprices_as = 'openai'\n"
+        "[upstreams.vllm]\nbase_url = 'http://127.0.0.1:8000/v1'\n"
+    )
+    config = load_config(path)
+    assert config.upstreams["litellm"].prices_as == "openai"
+    assert config.upstreams["vllm"].prices_as is None
+
+
+@pytest.mark.parametrize("value", ["opnai", "OpenAI", ""])
+def test_unknown_prices_as_names_the_key(tmp_path: Path, value: str) -> None:
+    """A `prices_as` that is no genai-prices provider id is a config error naming the key and the ids."""
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[upstreams.litellm]\nbase_url = 'http://127.0.0.1:4000/v1'\nprices_as = '{value}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "upstreams.litellm.prices_as" in message and f"unknown genai-prices provider {value!r}" in message
+    assert "anthropic" in message and "openai" in message

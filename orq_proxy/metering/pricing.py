@@ -1,5 +1,9 @@
 """Model prices -> integer nano-USD costs. Prices come from `genai-prices`; config `[prices."provider/model"]`
 overrides them. An unknown model costs 0 and is flagged `price_source="unknown"`, never an error.
+
+Which genai-prices provider prices an upstream's calls: its `prices_as`, else the provider its name
+names (`openai`, `azure`, ...), else none: a gateway's name (`litellm`, `vllm`) is no provider, so the model
+is matched across providers. Overrides stay keyed by the upstream's name, as the client writes the model.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal, NamedTuple
 
-__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "usd_to_nanos"]
+__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "genai_provider_ids", "usd_to_nanos"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +92,25 @@ def _atto_to_nanos(atto: int) -> int:
 class Pricer:
     """Prices calls. Thread-safe enough for one event loop; lookups are cached per model.
 
+    `provider` in `cost`/`is_known` is the upstream's name (`ctx.provider`), never a genai-prices id.
+
     Args:
         overrides: `"provider/model"` -> `(input_per_mtok, output_per_mtok, cached_input_per_mtok | None)` USD.
+        prices_as: upstream name -> the genai-prices provider id whose prices apply (`[upstreams.X]
+            prices_as`), or None to derive it from the name. Upstreams named here are resolved once, now;
+            any other name is resolved on each cache miss.
+
+    Example:
+        pricer = Pricer(prices_as={"vllm": None, "gateway": "openai"})
+        pricer.cost("vllm", "gpt-4o-mini", TokenUsage(1000, 100))  # openai's gpt-4o-mini, by model match
     """
 
-    def __init__(self, overrides: Mapping[str, tuple[float, float, float | None]] | None = None) -> None:
+    def __init__(
+        self,
+        overrides: Mapping[str, tuple[float, float, float | None]] | None = None,
+        *,
+        prices_as: Mapping[str, str | None] | None = None,
+    ) -> None:
         self._overrides: dict[str, _Rates] = {}
         for ref, (inp, out, cached) in (overrides or {}).items():
             i = Decimal(str(inp)) / _PER_MTOK
@@ -105,6 +123,10 @@ class Pricer:
         # A plain dict (lookups on the hot path, twice per request), emptied when it reaches the bound:
         # model names come from clients, so their number is not ours to choose.
         self._cache: dict[tuple[str | None, str], _Rates | None] = {}
+        # Upstream name -> genai-prices provider id (None: match the model across providers).
+        self._price_as: dict[str, str | None] = {
+            name: explicit or _genai_provider_id(name) for name, explicit in (prices_as or {}).items()
+        }
 
     def _rates(self, provider: str | None, model: str) -> _Rates | None:
         key = (provider, model)
@@ -118,7 +140,11 @@ class Pricer:
             model
         )
         if rates is None:
-            rates = _lookup_genai_prices(provider, model)
+            if provider in self._price_as:
+                price_as = self._price_as[provider]
+            else:  # not named to the constructor (a Pricer used on its own): resolved per cache miss
+                price_as = _genai_provider_id(provider)
+            rates = _lookup_genai_prices(price_as, model)
         self._cache[key] = rates
         return rates
 
@@ -155,14 +181,42 @@ class Pricer:
         )
 
 
+def genai_provider_ids() -> frozenset[str]:
+    """The provider ids genai-prices knows (`openai`, `anthropic`, ...): the values `prices_as` accepts.
+
+    Loads genai-prices' price table on first use (a few hundred ms, once per process).
+    """
+    from genai_prices.data_snapshot import get_snapshot
+
+    return frozenset(p.id for p in get_snapshot().providers)
+
+
+def _genai_provider_id(name: str | None) -> str | None:
+    """The genai-prices provider an upstream's name names, by genai-prices' own matching (`openai`,
+    `azure`, `bedrock` -> `aws`), or None when it names none (`litellm`, `vllm`, `my-gateway`)."""
+    if not name:
+        return None
+    from genai_prices.data_snapshot import find_provider_by_id, get_snapshot
+
+    provider = find_provider_by_id(get_snapshot().providers, name)
+    return provider.id if provider is not None else None
+
+
 def _lookup_genai_prices(provider: str | None, model: str) -> _Rates | None:
     """Per-token rates from genai-prices' bundled snapshot, by pricing a million tokens of each kind.
 
     Pricing a probe usage (rather than reading `ModelPrice` fields) lets genai-prices resolve its own
-    aliases; tiered prices resolve to the first tier.
+    aliases; tiered prices resolve to the first tier. Without a provider, a model named `provider/model`
+    (as gateways name them) is priced by that provider when genai-prices knows it; otherwise genai-prices
+    takes the first provider, in its table's fixed order, whose model pattern matches: the same answer
+    for the same model every time.
     """
     from genai_prices import Usage, calc_price  # imported lazily: loading the price table takes ~100 ms
 
+    if provider is None and "/" in model:
+        prefix, _, rest = model.partition("/")
+        if (named := _genai_provider_id(prefix)) is not None:
+            provider, model = named, rest
     try:
         base = calc_price(Usage(input_tokens=1_000_000, output_tokens=1_000_000), model, provider_id=provider)
         cached = calc_price(

@@ -563,9 +563,19 @@ def parse_report_query(body: Mapping[str, Any], *, now: datetime, retention_days
 
     effective = "day"
     if start is not None and end is not None:
+        # A scalar report is one bucket over the whole window: its grain buckets nothing, so no grain is too
+        # fine for it, and `meta.effective_grain` names the grain the client gave, or `day`.
+        window_grain = "auto" if mode == "scalar" else grain
         effective = _check_window(
-            start, end, grain=grain, now=now.astimezone(UTC), retention_days=retention_days, problems=problems
+            start,
+            end,
+            grain=window_grain,
+            now=now.astimezone(UTC),
+            retention_days=retention_days,
+            problems=problems,
         )
+        if mode == "scalar":
+            effective = "day" if grain == "auto" else grain
     if problems or metric is None or start is None or end is None:
         raise ReportQueryError(problems)
 

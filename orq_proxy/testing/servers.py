@@ -35,12 +35,11 @@ class ServerThread:
         self.port = port
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.serve())
-        finally:
-            self.loop.close()
+        # A Runner, as `asyncio.run` (and so `uvicorn.run`) uses: tasks still pending when the server stops
+        # (an app that started its resources without a lifespan) are cancelled, not destroyed pending.
+        with asyncio.Runner() as runner:
+            self.loop = runner.get_loop()
+            runner.run(self.server.serve())
 
     @property
     def url(self) -> str:

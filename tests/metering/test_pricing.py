@@ -1,4 +1,5 @@
-"""Pricer: costs equal genai-prices' to the nano-USD; the integer fast path equals the Decimal path."""
+"""Pricer: costs equal genai-prices' to the nano-USD; the integer fast path equals the Decimal path; an
+upstream's name is not taken for a genai-prices provider unless it is one (or `prices_as` says which)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from decimal import Decimal
 import pytest
 from genai_prices import Usage, calc_price
 
+from orq_proxy.metering import pricing
 from orq_proxy.metering.pricing import Cost, Pricer, TokenUsage, _atto_to_nanos, usd_to_nanos
 
 MODELS = [
@@ -93,3 +95,88 @@ def test_unknown_model_and_none() -> None:
     assert pricer.cost("openai", "no-such-model-q", TokenUsage(10, 10)) == Cost()
     assert pricer.cost("openai", None, TokenUsage(10, 10)).source == "unknown"
     assert not pricer.is_known("openai", None) and pricer.is_known("openai", "gpt-4o")
+
+
+USAGE = TokenUsage(input_tokens=1_234, output_tokens=567, cached_input_tokens=200)
+
+
+def openai_cost(model: str, usage: TokenUsage = USAGE) -> Cost:
+    """What an upstream named `openai` pays: the reference for every gateway below."""
+    cost = Pricer().cost("openai", model, usage)
+    assert cost.source == "genai-prices" and cost.total_nanos > 0
+    return cost
+
+
+@pytest.mark.parametrize("upstream", ["vllm", "litellm", "my-gateway"])
+@pytest.mark.parametrize("configured", [True, False])
+def test_gateway_upstream_prices_by_model(upstream: str, configured: bool) -> None:
+    """An upstream whose name is no genai-prices provider prices its model across providers, whether
+    it was named to the constructor or not."""
+    pricer = Pricer(prices_as={upstream: None}) if configured else Pricer()
+    assert pricer.cost(upstream, "gpt-4o-mini", USAGE) == openai_cost("gpt-4o-mini")
+    assert pricer.is_known(upstream, "gpt-4o-mini")
+    claude = pricer.cost(upstream, "claude-3-5-sonnet-latest", USAGE)
+    assert claude == Pricer().cost("anthropic", "claude-3-5-sonnet-latest", USAGE) and claude.total_nanos > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [("openai/gpt-4o-mini", "openai"), ("anthropic/claude-3-5-haiku-latest", "anthropic")],
+)
+def test_gateway_model_named_with_its_provider(model: str, provider: str) -> None:
+    """A gateway's `provider/model` name is priced by that provider."""
+    bare = model.partition("/")[2]
+    assert Pricer(prices_as={"vllm": None}).cost("vllm", model, USAGE) == Pricer().cost(provider, bare, USAGE)
+
+
+def test_prices_as_names_the_provider() -> None:
+    """`prices_as` wins over the upstream's name, even when the name is itself a provider."""
+    pricer = Pricer(prices_as={"gateway": "openai", "anthropic": "openai"})
+    assert pricer.cost("gateway", "gpt-4o-mini", USAGE) == openai_cost("gpt-4o-mini")
+    assert pricer.cost("anthropic", "gpt-4o", USAGE) == openai_cost("gpt-4o")
+    assert Pricer().cost("anthropic", "gpt-4o", USAGE) == Cost()  # by its name alone: not anthropic's
+    # prices_as is one provider, not a model match: another provider's model stays unpriced
+    assert pricer.cost("gateway", "claude-3-5-sonnet-latest", USAGE) == Cost()
+
+
+@pytest.mark.parametrize("prices_as", [None, "openai"])
+def test_unknown_model_on_gateway_stays_unknown(prices_as: str | None) -> None:
+    """A model no provider prices costs nothing and is flagged, with or without `prices_as`."""
+    pricer = Pricer(prices_as={"vllm": prices_as})
+    for model in ("no-such-model-q", "meta-llama/no-such-model-q", "openai/no-such-model-q"):
+        assert pricer.cost("vllm", model, USAGE) == Cost()
+        assert pricer.cost("vllm", model, USAGE).source == "unknown" and not pricer.is_known("vllm", model)
+
+
+def test_override_keyed_by_upstream_name_still_wins() -> None:
+    """`[prices."vllm/model"]` (the upstream's name, as the client writes it) beats genai-prices; an
+    override for the `prices_as` provider's name does not apply to another upstream."""
+    pricer = Pricer(
+        {
+            "vllm/gpt-4o-mini": (1.0, 2.0, None),
+            "openai/gpt-4o": (1.0, 2.0, None),
+            "bare-model": (3.0, 4.0, None),
+        },
+        prices_as={"vllm": "openai"},
+    )
+    assert pricer.cost("vllm", "gpt-4o-mini", TokenUsage(1, 1)) == Cost(1000, 2000, source="override")
+    assert pricer.cost("vllm", "gpt-4o", USAGE) == openai_cost("gpt-4o")
+    assert pricer.cost("vllm", "bare-model", TokenUsage(1, 1)) == Cost(3000, 4000, source="override")
+
+
+def test_upstream_providers_resolved_once_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each configured upstream's provider is resolved when the Pricer is built, never per call."""
+    pricer = Pricer(prices_as={"vllm": None, "azure": None, "bedrock": None, "gw": "openai"})
+    assert pricer._price_as == {"vllm": None, "azure": "azure", "bedrock": "aws", "gw": "openai"}
+    calls: list[str | None] = []
+    resolve = pricing._genai_provider_id
+
+    def counting(name: str | None) -> str | None:
+        calls.append(name)
+        return resolve(name)
+
+    monkeypatch.setattr(pricing, "_genai_provider_id", counting)
+    for model in ("gpt-4o", "gpt-4o-mini", "o3-mini", "no-such-model-q"):
+        for upstream in ("vllm", "azure", "gw"):
+            pricer.cost(upstream, model, USAGE)
+    assert calls == []

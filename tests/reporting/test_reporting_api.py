@@ -305,3 +305,22 @@ def test_readme_example_runs(store: DuckDBEventStore) -> None:
     report = namespace["report"]
     assert report.object == "report" and report.meta.effective_grain == "day"
     assert report.totals.metrics == {"genai.cost": 0}
+
+
+def test_scalar_reports_name_no_bucket_grain(server: ServerThread) -> None:
+    """A scalar report is one bucket over the window: over one hour it does not claim `minute` buckets
+    (auto gives `day`), an explicit grain is echoed, and no grain is too fine for a scalar."""
+    hour = {"from_": DAY, "to": DAY + timedelta(hours=1)}
+    with client(server, "admin") as orq:
+        auto = orq.reporting.query(metric="genai.requests", mode="scalar", **hour)
+        assert auto.meta is not None and auto.meta.effective_grain == "day"
+        hourly = orq.reporting.query(metric="genai.requests", mode="scalar", grain="hour", **hour)
+        assert hourly.meta is not None and hourly.meta.effective_grain == "hour"
+        # 'minute' over two days is refused for a time series, but a scalar has no minute buckets.
+        two_days = {"from_": DAY, "to": DAY + timedelta(days=2)}
+        with pytest.raises(models.APIDefaultError):
+            orq.reporting.query(metric="genai.requests", grain="minute", **two_days)
+        scalar = orq.reporting.query(metric="genai.requests", mode="scalar", grain="minute", **two_days)
+        assert scalar.data is not None and scalar.data[0].metrics == {"genai.requests": 14}
+        series = orq.reporting.query(metric="genai.requests", grain="hour", **hour)
+        assert series.meta is not None and series.meta.effective_grain == "hour"
