@@ -445,13 +445,13 @@ def _warn_about_lifetimes(config: ProxyConfig, event_store: DuckDBEventStore) ->
     storage = config.storage
     if storage.state == "memory":
         logger.warning(
-            "[storage] state = \"memory\": identities, budgets and their spend last only as long as this "
-            "process; set state = \"sqlite:///<path>\" and events = \"duckdb:///<path>\" to keep them"
+            '[storage] state = "memory": identities, budgets and their spend last only as long as this '
+            'process; set state = "sqlite:///<path>" and events = "duckdb:///<path>" to keep them'
         )
     elif event_store.path == ":memory:" and storage.counters == "memory":
         logger.warning(
             "[storage] events are in memory: budgets survive a restart but their spend starts again at "
-            "zero (it is rebuilt from the event store); set events = \"duckdb:///<path>\" to keep it"
+            'zero (it is rebuilt from the event store); set events = "duckdb:///<path>" to keep it'
         )
 
 

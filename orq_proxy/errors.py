@@ -116,7 +116,9 @@ def orq_error(
 ) -> JSONResponse:
     """An error for the management API, in orq's shape with a gRPC status code."""
     grpc = code if code is not None else _GRPC_BY_STATUS.get(status, GRPC_INTERNAL)
-    return _ErrorJSON({"message": message, "code": grpc}, status_code=status, headers=_headers(status, headers))
+    return _ErrorJSON(
+        {"message": message, "code": grpc}, status_code=status, headers=_headers(status, headers)
+    )
 
 
 class OrqAPIError(Exception):

@@ -1,7 +1,8 @@
 """`/metrics`: Prometheus text exposition (format 0.0.4) of requests, tokens, cost, latency and the sink bus.
 
 Written by hand (the format is a few lines of text) rather than adding a client library. Labels stay
-low-cardinality: provider, model and status; the identity label is off unless asked for. Label sets
+low-cardinality: provider, model and status, plus the product (which API) on the request counter, from a
+fixed list (anything else is `other`); the identity label is off unless asked for. Label sets
 beyond `max_series` per metric fold into `model="__other__"` (and `identity="__other__"`), so a client
 sending random model names cannot grow memory without bound.
 
@@ -40,6 +41,28 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OTHER = "__other__"
 _TOKEN_KINDS = ("input", "output", "cached_input", "reasoning")
+# The `product` label's values (the API a path belongs to); a client-chosen path outside them is `other`.
+_PRODUCTS = frozenset(
+    {
+        "chat.completions",
+        "responses",
+        "embeddings",
+        "completions",
+        "moderations",
+        "rerank",
+        "models",
+        "images",
+        "audio",
+        "files",
+        "batches",
+        "uploads",
+        "fine_tuning",
+        "vector_stores",
+        "assistants",
+        "threads",
+        "realtime",
+    }
+)
 
 _LabelKey = tuple[str, ...]
 
@@ -93,7 +116,7 @@ class PrometheusMetrics:
         self.max_series = max_series
         self.buckets = tuple(float(b) for b in buckets)
         self.base_labels: tuple[str, ...] = ("provider", "model", *(("identity",) if identity_labels else ()))
-        self.requests: dict[_LabelKey, int] = {}  # base labels + status
+        self.requests: dict[_LabelKey, int] = {}  # base labels + product + status
         self.tokens: dict[_LabelKey, list[int]] = {}  # base labels -> per _TOKEN_KINDS
         self.cost_nanos: dict[_LabelKey, int] = {}
         self.estimated: dict[_LabelKey, int] = {}
@@ -118,7 +141,8 @@ class PrometheusMetrics:
     def observe(self, event: UsageEvent) -> None:
         """Count one settled request."""
         base = self._bounded(self.tokens, self._key(event))
-        req_key = (*base, event.status)
+        product = event.product if event.product in _PRODUCTS else "other"
+        req_key = (*base, product, event.status)
         self.requests[req_key] = self.requests.get(req_key, 0) + 1
         tokens = self.tokens.get(base)
         if tokens is None:
@@ -158,7 +182,7 @@ class PrometheusMetrics:
 
         head("orq_proxy_requests_total", "counter", "Proxied requests, by outcome.")
         for key, n in sorted(self.requests.items()):
-            lines.append(f"orq_proxy_requests_total{_labels((*base, 'status'), key)} {n}")
+            lines.append(f"orq_proxy_requests_total{_labels((*base, 'product', 'status'), key)} {n}")
         head("orq_proxy_tokens_total", "counter", "Tokens used (input includes cached, output reasoning).")
         for key, counts in sorted(self.tokens.items()):
             for kind, n in zip(_TOKEN_KINDS, counts, strict=True):

@@ -5,7 +5,8 @@
   junk, and keeps the last `usage` and `model` it saw: chat/legacy-completions chunks' `usage`, and the
   Responses API's `response.completed` (`response.usage`). It also counts the text of content deltas, for
   an estimate when usage never arrives. `SSETap.rewrite` is the same reader in rewriting mode: it hides
-  the usage-only chunk and the `"usage":null` fields that exist only because the proxy asked for usage.
+  the usage that exists only because the proxy asked for it: `"usage":null` fields, `usage` objects on
+  whatever chunk carries them, and the chunks left with nothing else for the client.
 - `JSONTap` keeps a capped copy of a non-stream body (plus a rolling window of its last bytes, where
   OpenAI puts `usage`) and parses it once at the end.
 
@@ -167,10 +168,13 @@ class SSETap:
     to forward with the injected usage hidden (see `hide_usage`). Call `close()` at the end of the body.
 
     Args:
-        hide_usage: rewriting mode: drop the usage-only chunk (`"choices": []` with a `usage` object,
-            and the blank line that ends its event) and remove `"usage":null` from every other chunk.
-            The proxy sets this when it injected `stream_options.include_usage` for a client that did
-            not ask for it, so the client sees exactly what it would have seen without it.
+        hide_usage: rewriting mode: remove the top-level `usage` member (null or an object) from every
+            chunk, and drop a chunk with a `usage` object that carries nothing else for the client (and
+            the blank line that ends its event): OpenAI's and vLLM's `"choices": []`, LiteLLM's
+            `[{"index": 0, "delta": {}}]`. A chunk that still has content (text, a role, a tool call,
+            logprobs, a finish_reason) is forwarded without its usage. The proxy sets this when it
+            injected `stream_options.include_usage` for a client that did not ask for it, so the client
+            sees what it would have seen without it; the usage is read all the same.
         line_cap: the longest line kept; a longer line is skipped (and, when rewriting, passed through
             as it arrives rather than held back).
 
@@ -326,10 +330,12 @@ class SSETap:
         usage = obj["usage"]
         if usage is None:
             return _strip_usage_null(raw, obj)
-        if obj.get("choices") == [] and isinstance(usage, dict):
+        if not isinstance(usage, dict):
+            return raw
+        if _carries_nothing(obj):  # only there to carry the usage (OpenAI's, vLLM's, LiteLLM's shapes)
             self._drop_blank = True
             return None
-        return raw
+        return _strip_usage_object(raw, obj)  # usage on a content chunk (vLLM continuous stats, ...)
 
     # -- the bulk path -----------------------------------------------------------------------------
     # Most of a stream is content chunks that only add generated text. Whole lines that cannot matter (no
@@ -474,9 +480,79 @@ def _strip_usage_null(raw: bytes, obj: dict[str, Any] | None = None) -> bytes:
             return raw
         if not isinstance(obj, dict) or "usage" not in obj or obj["usage"] is not None:
             return raw
+    return _reserialized_without_usage(raw, obj)
+
+
+def _strip_usage_object(raw: bytes, obj: dict[str, Any]) -> bytes:
+    """`raw` (a parsed chunk whose top-level `usage` is an object) without that member, touching no
+    other byte when possible."""
+    if raw.count(b'"usage"') == 1:  # the top-level key is the only one
+        key = raw.find(b'"usage"')
+        match = _USAGE_KEY.match(raw, key)
+        if match is not None:
+            brace = match.end() - 1
+            # The line parsed, so it is valid UTF-8; the decoder finds where the object ends.
+            text = raw[brace:].decode("utf-8", "surrogateescape")
+            try:
+                value, end = _DECODER.raw_decode(text)
+            except ValueError:  # pragma: no cover - the whole line parsed
+                value, end = None, -1
+            if end > 0 and value == obj["usage"]:  # (not a nested one, were the top key spelled oddly)
+                cut = _cut_member(raw, key, brace + len(text[:end].encode("utf-8", "surrogateescape")))
+                if cut is not None:
+                    return cut
+    return _reserialized_without_usage(raw, obj)
+
+
+def _cut_member(raw: bytes, start: int, end: int) -> bytes | None:
+    """`raw` without the object member at `raw[start:end]` and the comma that joins it, as
+    `_USAGE_NULL_AFTER`/`_USAGE_NULL_FIRST` cut `"usage":null`; None when it is not delimited as one."""
+    before = start
+    while before > 0 and raw[before - 1] in b" \t":
+        before -= 1
+    after = end
+    while after < len(raw) and raw[after] in b" \t":
+        after += 1
+    prev, nxt = raw[before - 1 : before], raw[after : after + 1]
+    if prev == b"," and nxt in (b",", b"}"):  # not the first member: cut from the comma before it
+        return raw[: before - 1] + raw[end:]
+    if prev == b"{" and nxt == b",":  # the first member: cut through the comma after it
+        after += 1
+        while after < len(raw) and raw[after] in b" \t":
+            after += 1
+        return raw[:before] + raw[after:]
+    return None  # (never the only member: a chunk of nothing but usage is dropped whole)
+
+
+def _reserialized_without_usage(raw: bytes, obj: dict[str, Any]) -> bytes:
+    """The chunk re-serialized (compactly) without its top-level `usage`: the fallback for unusual bytes."""
     rest = {k: v for k, v in obj.items() if k != "usage"}
     line_end = b"\r" if raw.endswith(b"\r") else b""
     return b"data: " + json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode() + line_end
+
+
+def _carries_nothing(obj: dict[str, Any]) -> bool:
+    """A chunk with a `usage` object has nothing else for the client: no choices, or only choices whose
+    every member but `index` is empty (LiteLLM's `{"index": 0, "delta": {}}`, an empty legacy `text`)."""
+    choices = obj.get("choices")
+    if choices is None:
+        return True
+    if type(choices) is not list:
+        return False
+    for choice in choices:
+        if type(choice) is not dict:
+            return False
+        for key, value in choice.items():
+            if key != "index" and not _is_empty(value):
+                return False
+    return True
+
+
+def _is_empty(value: Any) -> bool:
+    """null, `""`, `[]`, or an object of only such members: nothing a client would accumulate."""
+    if value is None or value == "" or value == []:
+        return True
+    return type(value) is dict and all(_is_empty(v) for v in value.values())
 
 
 class JSONTap:

@@ -10,10 +10,12 @@ Routes (everything under `/v1`; the base URL given to a client or to the proxy i
 - `POST /v1/chat/completions`: JSON, or SSE with `"stream": true` (role chunk, one chunk per word,
   a `finish_reason` chunk, then `data: [DONE]`). Only when `stream_options.include_usage` is true is a
   usage-only chunk (`"choices": []`) sent before `[DONE]`, and then every other chunk carries
-  `"usage": null`, exactly as OpenAI does.
+  `"usage": null`, exactly as OpenAI does (`x-fake-usage-chunk` sends it as other servers do).
 - `POST /v1/responses`: the Responses API, JSON or SSE (`response.created`, `response.in_progress`,
   `response.output_item.added`, `response.content_part.added`, one `response.output_text.delta` per word,
-  `...done` events, and `response.completed` carrying `usage`).
+  `...done` events, and `response.completed` carrying `usage`). Every Response object and event carries
+  every field that the `openai` SDK's types and `orq_ai_sdk`'s `responses.create` require (events numbered
+  by `sequence_number`).
 - `POST /v1/completions`: legacy completions, JSON or SSE (same usage-chunk rule as chat).
 - `POST /v1/embeddings`: floats, or base64 little-endian float32 (what the SDK asks for by default).
 - `GET /v1/models`, `GET /v1/models/{id}`.
@@ -46,6 +48,7 @@ openai SDK's `extra_headers`):
 | `x-fake-omit-usage: 1` | no `usage` in JSON answers and no usage chunk/field in streams |
 | `x-fake-cached-tokens: N` | report N cached prompt tokens |
 | `x-fake-reasoning-tokens: N` | report N reasoning tokens (added to the completion tokens) |
+| `x-fake-usage-chunk: SHAPE` | chat streams with include_usage: where the usage goes. `openai` (default, as above); `litellm` (LiteLLM's proxy: no `"usage": null`, the usage on a last chunk with `"choices": [{"index": 0, "delta": {}}]`); `vllm-continuous` (vLLM's `continuous_usage_stats`: the usage so far on every chunk, all of it on the `finish_reason` chunk, then the `choices: []` chunk); `on-finish` (only on the `finish_reason` chunk). Without include_usage every shape sends the same stream |
 
 Timing knobs: `latency` delays every answer before its headers; `ttft` and `chunk_delay` only apply to
 streams. A stream that is waiting notices a client disconnect, stops, and marks the recorded request
@@ -118,6 +121,29 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
     504: ("Gateway timeout.", "server_error", None),
 }
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_USAGE_CHUNK_SHAPES = ("openai", "litellm", "vllm-continuous", "on-finish")  # `x-fake-usage-chunk`
+
+# Responses API: the Response fields that are the same in every answer (the fake has no tools, no reasoning
+# and no background mode), encoded once as a JSON fragment. Each snapshot of a response (created,
+# in_progress, completed) is put together from fragments like this one instead of being encoded again.
+_RESPONSE_FIXED = _dumps(
+    {
+        "background": False,
+        "error": None,
+        "parallel_tool_calls": True,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "truncation": "disabled",
+        "user": None,
+    }
+)[1:-1]
+# The `delta` of each `response.output_text.delta`, as JSON: the first word, then " word" by position.
+_FIRST_DELTA = _dumps(WORDS[0])
+_NEXT_DELTAS = tuple(_dumps(" " + word) for word in WORDS)
+_EMPTY_TEXT_PART = '{"type":"output_text","annotations":[],"logprobs":[],"text":""}'
 
 
 def count_words(text: str) -> int:
@@ -163,6 +189,44 @@ def _responses_prompt_tokens(body: dict[str, Any]) -> int:
     if isinstance(instructions, str):
         total += TOKENS_PER_MESSAGE + count_words(instructions)
     return total
+
+
+def _response_echo(body: dict[str, Any]) -> str:
+    """The Response fields that echo the request, as a JSON fragment (the same in every snapshot).
+
+    A parameter the request leaves out (or sends as null) comes back as OpenAI's default. `input` is not in
+    OpenAI's Response, but orq's (`orq_ai_sdk`) requires it: the input items, a string being one user message.
+    """
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": items}]}]
+    elif not isinstance(items, list):
+        items = None
+    return _dumps(
+        {
+            "model": body["model"],
+            "input": items,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": body.get("max_tool_calls"),
+            "previous_response_id": body.get("previous_response_id"),
+            "prompt_cache_key": body.get("prompt_cache_key"),
+            "prompt_cache_options": body.get("prompt_cache_options"),
+            "prompt_cache_retention": body.get("prompt_cache_retention"),
+            "safety_identifier": body.get("safety_identifier"),
+            "store": bool(body.get("store", True)),
+            "temperature": _or_default(body.get("temperature"), 1.0),
+            "top_p": _or_default(body.get("top_p"), 1.0),
+            "frequency_penalty": _or_default(body.get("frequency_penalty"), 0.0),
+            "presence_penalty": _or_default(body.get("presence_penalty"), 0.0),
+            "top_logprobs": _or_default(body.get("top_logprobs"), 0),
+            "metadata": body.get("metadata") or {},
+        }
+    )[1:-1]
+
+
+def _or_default(value: Any, default: float) -> Any:
+    return default if value is None else value
 
 
 def _inputs(value: Any) -> list[Any]:
@@ -217,6 +281,7 @@ class _Plan:
     omit_usage: bool = False
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    usage_chunk: str = "openai"
 
 
 @dataclass(slots=True)
@@ -494,12 +559,13 @@ class FakeUpstream:
             await self._send_json(send, answer)
             return
         include_usage = _include_usage(body) and not plan.omit_usage
+        shape = plan.usage_chunk if include_usage else ""
         head = (
             f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
             f'"model":{_dumps(model)},"service_tier":"default","system_fingerprint":"{SYSTEM_FINGERPRINT}",'
             f'"choices":[{{"index":0,"delta":'
         )
-        tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
+        tail = ',"usage":null}\n\n' if shape == "openai" else "}\n\n"
         events: list[bytes | None] = [
             (
                 head
@@ -510,8 +576,15 @@ class FakeUpstream:
         for delta in _CHAT_DELTAS[:n_words] if n_words <= len(_CHAT_DELTAS) else _chat_deltas(n_words):
             events.append(None)
             events.append((head + delta + ',"logprobs":null,"finish_reason":null}]' + tail).encode())
-        events.append((head + f'{{}},"logprobs":null,"finish_reason":"{finish}"}}]' + tail).encode())
-        if include_usage:
+        last = (head + f'{{}},"logprobs":null,"finish_reason":"{finish}"}}]' + tail).encode()
+        events.append(last)
+        if shape == "litellm":
+            events.append((head + '{}}],"usage":' + _dumps(usage) + "}\n\n").encode())
+        elif shape == "on-finish":
+            events[-1] = _with_usage(last, usage)
+        elif shape:  # `openai`, or `vllm-continuous` (then usage on every chunk too)
+            if shape == "vllm-continuous":
+                _add_running_usage(events, usage)
             events.append(
                 (
                     f'data: {{"id":"{cid}","object":"chat.completion.chunk","created":{created},'
@@ -578,101 +651,76 @@ class FakeUpstream:
     async def _responses(
         self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
     ) -> None:
-        model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_output_tokens")
         prompt_tokens = _responses_prompt_tokens(body)
-        cached = min(plan.cached_tokens, prompt_tokens)
-        usage = {
-            "input_tokens": prompt_tokens,
-            "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": n_words + plan.reasoning_tokens,
-            "output_tokens_details": {"reasoning_tokens": plan.reasoning_tokens},
-            "total_tokens": prompt_tokens + n_words + plan.reasoning_tokens,
-        }
+        usage_json = "null"
+        if not plan.omit_usage:
+            usage_json = _dumps(
+                {
+                    "input_tokens": prompt_tokens,
+                    "input_tokens_details": {
+                        "cached_tokens": min(plan.cached_tokens, prompt_tokens),
+                        "cache_write_tokens": 0,
+                        "cache_creation_tokens": 0,  # orq's name for the same thing; its SDK requires both
+                    },
+                    "output_tokens": n_words + plan.reasoning_tokens,
+                    "output_tokens_details": {"reasoning_tokens": plan.reasoning_tokens},
+                    "total_tokens": prompt_tokens + n_words + plan.reasoning_tokens,
+                }
+            )
         rid = "resp_" + self._next_id()
         mid = "msg_" + self._next_id()
         created = int(time.time())
         text = " ".join(_words(n_words))
-        message: dict[str, Any] = {
-            "id": mid,
-            "type": "message",
-            "status": "incomplete" if capped else "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-        }
-
-        def response(status: str, output: list[Any], final: bool) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "response",
-                "created_at": created,
-                "status": status,
-                "background": False,
-                "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if capped and final else None,
-                "instructions": body.get("instructions"),
-                "max_output_tokens": body.get("max_output_tokens"),
-                "model": model,
-                "output": output,
-                "parallel_tool_calls": True,
-                "previous_response_id": body.get("previous_response_id"),
-                "reasoning": {"effort": None, "summary": None},
-                "service_tier": "default",
-                "store": bool(body.get("store", True)),
-                "temperature": body.get("temperature", 1.0),
-                "text": {"format": {"type": "text"}},
-                "tool_choice": "auto",
-                "tools": [],
-                "top_p": body.get("top_p", 1.0),
-                "truncation": "disabled",
-                "usage": usage if final and not plan.omit_usage else None,
-                "user": None,
-                "metadata": body.get("metadata") or {},
-            }
-
         final_status = "incomplete" if capped else "completed"
+        text_json = _dumps(text)
+        part_json = f'{{"type":"output_text","annotations":[],"logprobs":[],"text":{text_json}}}'
+        message_json = (
+            f'{{"id":"{mid}","type":"message","status":"{final_status}","role":"assistant",'
+            f'"content":[{part_json}]}}'
+        )
+        # Every snapshot of this response shares these fragments: only status, timing, output and usage vary.
+        head = f'{{"id":"{rid}","object":"response","created_at":{created},"status":'
+        rest = f",{_response_echo(body)},{_RESPONSE_FIXED}"
+        if capped:
+            ending = '"incomplete","completed_at":null,"incomplete_details":{"reason":"max_output_tokens"}'
+        else:
+            # The events are built before the stream starts, so "completed" is stamped with the start time.
+            ending = f'"completed","completed_at":{created},"incomplete_details":null'
+        final = f'{head}{ending}{rest},"output":[{message_json}],"usage":{usage_json}}}'
         if not body.get("stream"):
-            await self._send_json(send, response(final_status, [message], True))
+            await self._send_json_data(send, final.encode())
             return
+
+        opening = (
+            f'{head}"in_progress","completed_at":null,"incomplete_details":null'
+            f'{rest},"output":[],"usage":null}}'
+        )
         seq = itertools.count()
-        events: list[bytes | None] = []
 
-        def event(kind: str, payload: dict[str, Any]) -> None:
-            data = {"type": kind, "sequence_number": next(seq), **payload}
-            events.append(f"event: {kind}\ndata: {_dumps(data)}\n\n".encode())
+        def event(kind: str, fields: str) -> bytes:
+            data = f'{{"type":"{kind}","sequence_number":{next(seq)},{fields}}}'
+            return f"event: {kind}\ndata: {data}\n\n".encode()
 
-        event("response.created", {"response": response("in_progress", [], False)})
-        event("response.in_progress", {"response": response("in_progress", [], False)})
-        event(
-            "response.output_item.added",
-            {
-                "output_index": 0,
-                "item": {
-                    "id": mid,
-                    "type": "message",
-                    "status": "in_progress",
-                    "content": [],
-                    "role": "assistant",
-                },
-            },
-        )
-        ids = {"item_id": mid, "output_index": 0, "content_index": 0}
-        event(
-            "response.content_part.added",
-            {**ids, "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}},
-        )
-        for i, word in enumerate(_words(n_words)):
-            events.append(None)
+        ids = f'"item_id":"{mid}","output_index":0,"content_index":0'
+        events: list[bytes | None] = [
+            event("response.created", '"response":' + opening),
+            event("response.in_progress", '"response":' + opening),
             event(
-                "response.output_text.delta", {**ids, "delta": word if i == 0 else " " + word, "logprobs": []}
-            )
-        event("response.output_text.done", {**ids, "text": text, "logprobs": []})
-        event("response.content_part.done", {**ids, "part": message["content"][0]})
-        event("response.output_item.done", {"output_index": 0, "item": message})
-        event(
-            "response.incomplete" if capped else "response.completed",
-            {"response": response(final_status, [message], True)},
-        )
+                "response.output_item.added",
+                f'"output_index":0,"item":{{"id":"{mid}","type":"message","status":"in_progress",'
+                '"content":[],"role":"assistant"}',
+            ),
+            event("response.content_part.added", f'{ids},"part":{_EMPTY_TEXT_PART}'),
+        ]
+        for i in range(n_words):
+            delta = _NEXT_DELTAS[i % len(WORDS)] if i else _FIRST_DELTA
+            events.append(None)
+            events.append(event("response.output_text.delta", f'{ids},"delta":{delta},"logprobs":[]'))
+        events.append(event("response.output_text.done", f'{ids},"text":{text_json},"logprobs":[]'))
+        events.append(event("response.content_part.done", f'{ids},"part":{part_json}'))
+        events.append(event("response.output_item.done", f'"output_index":0,"item":{message_json}'))
+        events.append(event(f"response.{final_status}", '"response":' + final))
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
 
     # --- embeddings ------------------------------------------------------------------------------------
@@ -699,7 +747,9 @@ class FakeUpstream:
         await self._send_json(send, answer)
 
     async def _send_json(self, send: Send, payload: dict[str, Any]) -> None:
-        data = _dumps(payload).encode()
+        await self._send_json_data(send, _dumps(payload).encode())
+
+    async def _send_json_data(self, send: Send, data: bytes) -> None:
         headers = self._headers(_JSON_HEADERS)
         headers.append((b"content-length", str(len(data)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -773,12 +823,35 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+def _with_usage(event: bytes, usage: dict[str, Any]) -> bytes:
+    """A chat chunk event (ending `}\\n\\n`) with a `usage` member added at its end."""
+    return event[:-3] + b',"usage":' + _dumps(usage).encode() + b"}\n\n"
+
+
+def _add_running_usage(events: list[bytes | None], usage: dict[str, Any]) -> None:
+    """vLLM's `continuous_usage_stats`: each chunk carries the usage so far (its key order), the last
+    chunk all of it."""
+    prompt = usage["prompt_tokens"]
+    n = 0  # tokens so far: the role chunk has none, each word chunk one more
+    for i, event in enumerate(events):
+        if event is None:
+            continue
+        so_far = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
+        events[i] = _with_usage(event, usage if i == len(events) - 1 else so_far)
+        n += 1
+
+
 def _apply_controls(plan: _Plan, headers: list[tuple[bytes, bytes]]) -> None:
     for name, raw in headers:
         key = name.decode("latin-1")
         value = raw.decode("latin-1").strip()
         if key == "x-fake-omit-usage":
             plan.omit_usage = value.lower() not in ("", "0", "false", "no")
+            continue
+        if key == "x-fake-usage-chunk":
+            if value.lower() not in _USAGE_CHUNK_SHAPES:
+                raise ValueError(f"{key} must be one of {', '.join(_USAGE_CHUNK_SHAPES)}, got {value!r}")
+            plan.usage_chunk = value.lower()
             continue
         try:
             number = int(value)
@@ -894,12 +967,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn
 
-    loop = "asyncio"
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     http = "auto"
     try:
-        import uvloop  # noqa: F401
+        import uvloop
 
-        loop = "uvloop"
+        run = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is part of uvicorn[standard]
         pass
     try:
@@ -915,16 +988,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         api_key=args.api_key,
         record=args.record,
     )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop=loop,
-        http=http,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, http=http, log_level="warning", access_log=False, lifespan="on"
     )
+
+    class _SayWhere(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the port it really bound (`--port 0` picks one)
+                port = self.servers[0].sockets[0].getsockname()[1]
+                print(
+                    f"fake upstream: http://{args.host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops it)",
+                    flush=True,
+                )
+
+    run(_SayWhere(config).serve())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,10 @@ def test_chat_json_exact_usage_and_cost(metered: Any, fake: FakeUpstream) -> Non
     assert event.latency_ms > 0 and event.ttft_ms is None
 
 
-def raw_sse(url: str, key: str, body: dict[str, Any]) -> bytes:
+def raw_sse(url: str, key: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
     """The raw SSE bytes of a stream, with per-response ids and timestamps normalised."""
-    with httpx.stream("POST", url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=10) as r:
+    headers = {"authorization": f"Bearer {key}", **(headers or {})}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as r:
         assert r.status_code == 200
         data = b"".join(r.iter_raw())
     data = re.sub(rb'"id":"chatcmpl-[0-9a-f]+"', b'"id":"X"', data)
@@ -151,6 +153,43 @@ def test_chat_stream_through_sdk(metered: Any, fake: FakeUpstream, include_usage
     if reported is not None:
         assert (event.input_tokens, event.total_tokens) == (reported.prompt_tokens, reported.total_tokens)
     assert_cost(event, "gpt-4o-mini")
+
+
+@pytest.mark.parametrize("shape", ["openai", "litellm", "vllm-continuous", "on-finish"])
+def test_injected_usage_hidden_whatever_chunk_carries_it(
+    metered: Any, fake: FakeUpstream, upstream_url: str, shape: str
+) -> None:
+    """Whether the upstream sends usage as OpenAI (a `choices: []` chunk), LiteLLM (a chunk with an empty
+    delta), vLLM's continuous stats (on every chunk) or on the finish chunk: a client that did not ask for
+    usage gets no usage and no empty chunk, all the text, the same bytes as the upstream sends it without
+    include_usage, and the event has the upstream's usage exactly."""
+    _, server, sink, client = metered
+    headers = {"x-fake-usage-chunk": shape, "x-fake-words": "5", **DETAILS}
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=headers)
+    )
+    assert not any(c.usage is not None or "usage" in c.model_fields_set for c in chunks)
+    for c in chunks:  # every chunk says something: a role, text, or a finish_reason
+        [choice] = c.choices
+        assert choice.delta.role or choice.delta.content or choice.finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The quick brown fox jumps"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    via_proxy = raw_sse(server.url + "/v1/chat/completions", "sk-client", body, headers)
+    direct = raw_sse(upstream_url + "/chat/completions", UPSTREAM_KEY, body, headers)
+    assert via_proxy == direct and b'"usage"' not in via_proxy
+    with_usage = {**body, "stream_options": {"include_usage": True}}
+    upstream_usage = raw_sse(upstream_url + "/chat/completions", UPSTREAM_KEY, with_usage, headers)
+    assert upstream_usage.count(b'"usage":{') >= 1  # the upstream did send it, in its shape
+    proxied = fake.requests[:2]  # the SDK's stream and the raw one, through the proxy, in that order
+    assert [r.json["stream_options"] for r in proxied] == [{"include_usage": True}] * 2
+    events = wait_events(sink, 2)
+    for event in events:
+        assert (event.usage_source, event.status, event.stream) == ("exact", "OK", True)
+        # The fake's rule: 4 + 6 words of prompt, 5 words + 2 reasoning tokens, 3 cached.
+        assert (event.input_tokens, event.output_tokens, event.total_tokens) == (10, 7, 17)
+        assert (event.cached_input_tokens, event.reasoning_tokens) == (3, 2)
+        assert_cost(event, "gpt-4o")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -310,7 +349,10 @@ def test_price_override_and_unknown_model(
     assert (events[1].price_source, events[1].total_cost_nanos, events[1].status) == ("unknown", 0, "OK")
     text = httpx.get(server.url + "/metrics").text
     assert 'orq_proxy_unpriced_requests_total{provider="openai",model="mystery-model"} 1' in text
-    assert 'orq_proxy_requests_total{provider="openai",model="my-model",status="OK"} 1' in text
+    assert (
+        'orq_proxy_requests_total{provider="openai",model="my-model",product="chat.completions",status="OK"} 1'
+        in text
+    )
     assert 'orq_proxy_sink_events_dropped_total{sink="memory",reason="queue_full"} 0' in text
 
 
@@ -367,3 +409,35 @@ def test_metrics_show_upstream_connections(metered: Any, fake: FakeUpstream) -> 
     after = httpx.get(server.url + "/metrics").text
     assert 'orq_proxy_upstream_connections{state="open"} 1' in after
     assert 'orq_proxy_upstream_connections{state="idle"} 1' in after
+
+
+def test_non_inference_calls_are_told_apart(
+    metered: tuple[OrqProxy, ServerThread, MemorySink, openai.OpenAI],
+) -> None:
+    """`GET /v1/models` is a usage event with `product = "models"` and no usage: reports can group or filter
+    by product, and `/metrics` counts requests per product, so listing models is not an LLM request."""
+    _, server, sink, client = metered
+    assert [m.id for m in client.models.list()]
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    events = wait_events(sink, 2)
+    by_product = {e.product: e for e in events}
+    assert set(by_product) == {"models", "chat.completions"}
+    listing = by_product["models"]
+    assert (listing.total_tokens, listing.total_cost_nanos, listing.usage_source) == (0, 0, "exact")
+    text = httpx.get(server.url + "/metrics").text
+    assert re.search(r'orq_proxy_requests_total\{[^}]*product="models",status="OK"\} 1', text), text
+    assert re.search(r'orq_proxy_requests_total\{[^}]*product="chat.completions",status="OK"\} 1', text)
+    start = min(e.timestamp for e in events).replace(microsecond=0)
+    window = {"from_": start, "to": start + timedelta(minutes=5), "mode": "scalar"}
+    with Orq(server_url=server.url) as orq:
+        deadline = time.monotonic() + 5
+        while True:  # the event store sees events within its sink's flush interval
+            report = orq.reporting.query(metric="genai.requests", group_by=["product"], **window)
+            counts = {row.dimensions["product"]: row.metrics["genai.requests"] for row in report.data or []}
+            if sum(counts.values()) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        not_models = [{"field": "product", "op": "neq", "values": ["models"]}]
+        inference = orq.reporting.query(metric="genai.requests", filters=not_models, **window)
+    assert counts == {"models": 1, "chat.completions": 1}
+    assert inference.data is not None and inference.data[0].metrics == {"genai.requests": 1}

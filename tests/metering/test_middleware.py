@@ -469,5 +469,8 @@ async def test_prometheus_counts_requests() -> None:
     h = Harness()
     await h.run(upstream_app(200, JSON, [json.dumps({"usage": USAGE}).encode()]))
     text = h.prom.render()
-    assert 'orq_proxy_requests_total{provider="openai",model="gpt-4o",status="OK"} 1' in text
+    assert (
+        'orq_proxy_requests_total{provider="openai",model="gpt-4o",product="chat.completions",status="OK"} 1'
+        in text
+    )
     assert 'orq_proxy_tokens_total{provider="openai",model="gpt-4o",type="input"} 12' in text

@@ -43,8 +43,10 @@ def test_counters_and_histograms() -> None:
     prom.observe(event())
     prom.observe(event(status="ERROR", latency_ms=2000.0, ttft_ms=None))
     text = prom.render()
-    assert 'orq_proxy_requests_total{provider="openai",model="gpt-4o",status="OK"} 1' in text
-    assert 'orq_proxy_requests_total{provider="openai",model="gpt-4o",status="ERROR"} 1' in text
+    assert 'orq_proxy_requests_total{provider="openai",model="gpt-4o",product="other",status="OK"} 1' in text
+    assert (
+        'orq_proxy_requests_total{provider="openai",model="gpt-4o",product="other",status="ERROR"} 1' in text
+    )
     for kind, n in (("input", 20), ("output", 10), ("cached_input", 4), ("reasoning", 2)):
         assert f'orq_proxy_tokens_total{{provider="openai",model="gpt-4o",type="{kind}"}} {n}' in text
     assert 'orq_proxy_cost_usd_total{provider="openai",model="gpt-4o"} 3' in text
@@ -62,8 +64,9 @@ def test_identity_labels_when_enabled() -> None:
     """`identity_labels=True` adds the identity to request, token and cost series."""
     prom = PrometheusMetrics(identity_labels=True)
     prom.observe(event())
-    assert 'orq_proxy_requests_total{provider="openai",model="gpt-4o",identity="user_1",status="OK"} 1' in (
-        prom.render()
+    assert (
+        'orq_proxy_requests_total{provider="openai",model="gpt-4o",identity="user_1",product="other",status="OK"} 1'
+        in (prom.render())
     )
 
 
@@ -74,7 +77,9 @@ def test_cardinality_cap_folds_new_models() -> None:
         prom.observe(event(model=f"openai/m{i}"))
     text = prom.render()
     assert 'model="m0"' in text and 'model="m1"' in text and 'model="m2"' not in text
-    assert 'orq_proxy_requests_total{provider="openai",model="__other__",status="OK"} 3' in text
+    assert (
+        'orq_proxy_requests_total{provider="openai",model="__other__",product="other",status="OK"} 3' in text
+    )
 
 
 def test_label_values_escaped() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -307,6 +308,60 @@ def test_x_fake_words_and_omit_usage(client: openai.OpenAI) -> None:
     assert len(chunks) == 1 + 70 + 1
 
 
+@pytest.mark.parametrize("shape", ["openai", "litellm", "vllm-continuous", "on-finish"])
+def test_x_fake_usage_chunk_shapes(client: openai.OpenAI, base_url: str, shape: str) -> None:
+    """x-fake-usage-chunk puts a stream's usage where other servers do (the SDK parses each shape);
+    without include_usage the stream is the default one."""
+    headers = {"x-fake-usage-chunk": shape}
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+
+    def chunks(body: dict[str, Any], headers: dict[str, str]) -> list[dict[str, Any]]:
+        data = sse_data(httpx.post(base_url + "/chat/completions", json=body, headers=headers).text)
+        assert data[-1] == "[DONE]"
+        return [{k: v for k, v in json.loads(d).items() if k not in ("id", "created")} for d in data[:-1]]
+
+    assert chunks(body, headers) == chunks(body, {})
+    parsed = chunks({**body, "stream_options": {"include_usage": True}}, headers)
+    full = parsed[-1]["usage"]
+    assert full["total_tokens"] == PROMPT_TOKENS + 8
+    finish = [p for p in parsed if p["choices"] and p["choices"][0].get("finish_reason")]
+    usages = [p.get("usage", "absent") for p in parsed]
+    if shape == "openai":
+        assert parsed[-1]["choices"] == [] and usages[:-1] == [None] * (len(parsed) - 1)
+    elif shape == "litellm":
+        assert parsed[-1]["choices"] == [{"index": 0, "delta": {}}]
+        assert usages[:-1] == ["absent"] * (len(parsed) - 1)
+    elif shape == "vllm-continuous":
+        assert parsed[-1]["choices"] == [] and finish[0]["usage"] == full
+        running = [u["completion_tokens"] for u in usages[:-2]]
+        assert running == list(range(1 + 8))
+    else:
+        assert parsed[-1] is finish[0] and usages[:-1] == ["absent"] * (len(parsed) - 1)
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers,
+    )
+    text, usage = "", None
+    for chunk in stream:
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+        usage = chunk.usage or usage
+    assert text == ANSWER and usage is not None and usage.completion_tokens == 8
+
+
+def test_x_fake_usage_chunk_unknown_shape_is_400(base_url: str) -> None:
+    """An unknown usage-chunk shape is refused, naming the header and the shapes."""
+    response = httpx.post(
+        base_url + "/chat/completions",
+        json={"model": "m", "messages": []},
+        headers={"x-fake-usage-chunk": "mistral"},
+    )
+    assert response.status_code == 400
+    assert "x-fake-usage-chunk must be one of openai, litellm" in response.json()["error"]["message"]
+
+
 def test_cached_and_reasoning_tokens_in_chat(client: openai.OpenAI) -> None:
     """Cached tokens are capped by the prompt; reasoning tokens count in completion tokens."""
     result = client.chat.completions.create(
@@ -445,12 +500,14 @@ def test_api_key_enforced() -> None:
 
 
 def test_cli_serves_on_the_given_port() -> None:
-    """`python -m orq_proxy.testing.fake_upstream --port P` serves the API."""
+    """`python -m orq_proxy.testing.fake_upstream --port P` serves the API and prints its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orq_proxy.testing.fake_upstream", "--port", str(port), "--latency-ms", "1"]
+        [sys.executable, "-m", "orq_proxy.testing.fake_upstream", "--port", str(port), "--latency-ms", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 20
@@ -466,4 +523,5 @@ def test_cli_serves_on_the_given_port() -> None:
         assert response.json()["object"] == "list"
     finally:
         proc.terminate()
-        proc.wait(10)
+        output = proc.communicate(timeout=10)[0]
+    assert f"http://127.0.0.1:{port}/v1" in output, output
