@@ -43,8 +43,8 @@ from orq_proxy.budgets.models import Budget, Period, ScopeKind, derived_cel
 from orq_proxy.budgets.store import InMemoryBudgetStore
 from orq_proxy.clock import SystemClock
 from orq_proxy.context import SCOPE_KEY, RequestContext, ResolvedIdentity
-from orq_proxy.metering.events import UsageEvent
-from orq_proxy.metering.pricing import Pricer
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.pricing import Pricer
 
 IDENTITIES = 1_000_000
 PROJECTS = 1_000

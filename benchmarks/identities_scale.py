@@ -44,7 +44,7 @@ from orq_proxy.identities.models import (
 )
 from orq_proxy.identities.sqlite import SqliteIdentityStore
 from orq_proxy.identities.store import IdentityStore, InMemoryIdentityStore
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.usage.events import UsageEvent
 
 WS = "ws"
 FIRST_NAMES = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Linus", "Guido", "Zoe"]

@@ -98,7 +98,6 @@ async def measure(
 
         if ctx.body_changed and ctx.body is not None:
             _serialize(ctx.body)  # what the real upstream call does with a changed body
-        ctx.status_code = 200
         if concurrency > 1:
             await asyncio.sleep(0)  # let the other requests in flight run, as a real upstream call does
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -30,12 +30,12 @@ from starlette.types import Message, Receive, Scope, Send
 from orq_proxy.auth import Principal
 from orq_proxy.clock import SystemClock
 from orq_proxy.context import SCOPE_KEY, RequestContext, ResolvedIdentity
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.metering.middleware import MeteringMiddleware
-from orq_proxy.metering.pricing import Pricer, TokenUsage
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.sinks.base import EventBus
 from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, DuckDBSink, event_row
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.pricing import Pricer, TokenUsage
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 50, "total_tokens": 62}
 

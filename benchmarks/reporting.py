@@ -31,10 +31,11 @@ from starlette.applications import Starlette
 from orq_proxy.auth import KeyRing
 from orq_proxy.reporting.api import render_report, routes
 from orq_proxy.reporting.engine import ReportEngine, ReportScope
-from orq_proxy.reporting.query import format_timestamp, parse_report_query
+from orq_proxy.reporting.query import parse_report_query
 from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import serve_in_thread
+from orq_proxy.timefmt import rfc3339
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 SPAN = timedelta(days=30)
@@ -109,7 +110,7 @@ def median_ms(func: Callable[[], object], runs: int) -> float:
 
 
 def window(days: int) -> dict[str, str]:
-    return {"from": format_timestamp(NOW - timedelta(days=days)), "to": format_timestamp(NOW)}
+    return {"from": rfc3339(NOW - timedelta(days=days)), "to": rfc3339(NOW)}
 
 
 QUERIES: list[tuple[str, dict[str, Any]]] = [

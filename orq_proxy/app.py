@@ -41,7 +41,6 @@ from orq_proxy.identities.metrics import IdentityMetrics
 from orq_proxy.identities.middleware import IdentityMiddleware
 from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.metering.middleware import MeteringMiddleware
-from orq_proxy.metering.pricing import Pricer
 from orq_proxy.metering.prometheus import PrometheusMetrics, prometheus_route
 from orq_proxy.openapi import openapi_document
 from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
@@ -50,6 +49,7 @@ from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
 from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
 from orq_proxy.sinks.duckdb import DuckDBEventStore
+from orq_proxy.usage.pricing import Pricer
 
 __all__ = ["Hook", "OrqProxy", "build_app", "keyring_from_config", "tune_gc", "untune_gc"]
 

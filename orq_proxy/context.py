@@ -15,9 +15,16 @@ from starlette.types import Scope
 
 if TYPE_CHECKING:
     from orq_proxy.auth import Principal
-    from orq_proxy.metering.events import UsageEvent
+    from orq_proxy.usage.events import UsageEvent
 
-__all__ = ["SCOPE_KEY", "IdentitySource", "RequestContext", "ResolvedIdentity", "get_context"]
+__all__ = [
+    "SCOPE_KEY",
+    "IdentitySource",
+    "MissingContext",
+    "RequestContext",
+    "ResolvedIdentity",
+    "get_context",
+]
 
 SCOPE_KEY = "orq_proxy.context"
 
@@ -60,7 +67,6 @@ class RequestContext:
         settle_hooks: called once, synchronously, with the final UsageEvent; must not raise or block.
         budget_ids: the budgets this request's reservation is held against (set by the budget gate); the
             usage event carries them, so budget counters can be rebuilt from the event store.
-        status_code: the response status the client got (set by whoever answers).
         client_disconnected: the client went away before the response was complete.
         upstream_error: why the upstream failed (connect error, timeout, died mid-stream), if it did.
     """
@@ -86,13 +92,22 @@ class RequestContext:
     metadata: dict[str, str] = field(default_factory=dict)
     settle_hooks: list[Callable[[UsageEvent], None]] = field(default_factory=list)
     budget_ids: tuple[str, ...] = ()
-    status_code: int | None = None
     client_disconnected: bool = False
     upstream_error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class MissingContext(RuntimeError):
+    """A layer of the proxied stack ran without the `RequestContext` that `RequestMiddleware` creates."""
 
 
 def get_context(scope: Scope) -> RequestContext:
-    """The request's context; raises KeyError when the request layer did not run."""
-    ctx: RequestContext = scope[SCOPE_KEY]
+    """The request's context. The one rule for every layer: a proxied HTTP request without one is a wiring
+    bug (the layer was mounted outside `RequestMiddleware`), so this raises `MissingContext` saying so."""
+    try:
+        ctx: RequestContext = scope[SCOPE_KEY]
+    except KeyError:
+        raise MissingContext(
+            "no RequestContext in the ASGI scope: the proxied layers must run inside RequestMiddleware "
+            "(build_app puts it outermost)"
+        ) from None
     return ctx

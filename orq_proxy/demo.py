@@ -17,6 +17,7 @@ from orq_proxy.app import OrqProxy, build_app
 from orq_proxy.config import ProxyConfig
 from orq_proxy.testing.fake_upstream import FakeUpstream, build_fake_upstream
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
+from orq_proxy.usage.money import nanos_to_usd
 
 __all__ = [
     "ADMIN_KEY",
@@ -130,7 +131,7 @@ def step_metering(run: DemoRun) -> None:
     n, tokens, nanos, exact = row if row else (0, 0, 0, 0)
     run.say(
         f"metering  -> {n} usage events ({exact} exact), {tokens or 0} tokens, "
-        f"${(nanos or 0) / 1e9:.8f} (genai-prices); /metrics has the counters"
+        f"${nanos_to_usd(nanos or 0):.8f} (genai-prices); /metrics has the counters"
     )
 
 

@@ -22,8 +22,10 @@ import httpx
 from ulid import ULID
 
 from orq_proxy.budgets.counters import AlertCrossing
-from orq_proxy.budgets.models import budget_rest, format_time, nanos_to_usd
+from orq_proxy.budgets.models import budget_rest
 from orq_proxy.config import NotifierConfig
+from orq_proxy.timefmt import rfc3339
+from orq_proxy.usage.money import nanos_to_usd
 
 __all__ = ["ALERT_TYPE", "AlertDispatcher", "alert_payload"]
 
@@ -48,12 +50,12 @@ def alert_payload(crossing: AlertCrossing) -> dict[str, Any]:
         "used_percent": round(100 * crossing.used_nanos / crossing.limit_nanos, 4),
         "currency": "usd",
         "period": budget.effective_period.value,
-        "period_start": format_time(crossing.period_start),
-        "fired_at": format_time(crossing.at),
+        "period_start": rfc3339(crossing.period_start),
+        "fired_at": rfc3339(crossing.at),
         "budget": budget_rest(budget),
     }
     if crossing.period_end is not None:
-        payload["period_end"] = format_time(crossing.period_end)
+        payload["period_end"] = rfc3339(crossing.period_end)
     return payload
 
 

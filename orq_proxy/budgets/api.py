@@ -43,13 +43,13 @@ from orq_proxy.budgets.models import (
     amount_to_nanos,
     budget_rest,
     derived_cel,
-    format_time,
     identity_budget,
 )
 from orq_proxy.budgets.store import BudgetConflict, BudgetListQuery, BudgetStore, SortField, UnknownCursor
 from orq_proxy.clock import Clock
 from orq_proxy.errors import OrqAPIError
 from orq_proxy.management import admin_principal, json_ok, orq_endpoint, read_json_object
+from orq_proxy.timefmt import rfc3339
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "BudgetIdentityHooks", "routes"]
 
@@ -218,7 +218,7 @@ class _BudgetsAPI:
             raise OrqAPIError(
                 400,
                 f"expires_at: must be in the future for an active budget "
-                f"(got {format_time(budget.expires_at)}, now is {format_time(now)})",
+                f"(got {rfc3339(budget.expires_at)}, now is {rfc3339(now)})",
             )
 
     @staticmethod

@@ -17,7 +17,7 @@ from typing import Protocol
 from orq_proxy.budgets.counters import RATE_WINDOW_SECONDS, InMemoryCounters
 from orq_proxy.budgets.periods import window
 from orq_proxy.budgets.store import BudgetStore
-from orq_proxy.metering.events import BudgetConsumption
+from orq_proxy.usage.events import BudgetConsumption
 
 __all__ = ["BudgetLedger", "counting_start", "rebuild_counters"]
 

@@ -30,14 +30,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orq_proxy.budgets.alerts import AlertDispatcher
 from orq_proxy.budgets.counters import Counters, Rejection, Reservation
 from orq_proxy.budgets.matching import RequestFacts, model_keys
-from orq_proxy.budgets.models import Budget, format_time, nanos_to_usd
+from orq_proxy.budgets.models import Budget
 from orq_proxy.budgets.store import BudgetStore
 from orq_proxy.clock import Clock
-from orq_proxy.context import SCOPE_KEY, RequestContext
+from orq_proxy.context import RequestContext, get_context
 from orq_proxy.errors import openai_error
-from orq_proxy.metering.estimate import estimate_input_tokens, max_output_tokens
-from orq_proxy.metering.events import UsageEvent
-from orq_proxy.metering.pricing import Pricer, TokenUsage
+from orq_proxy.timefmt import rfc3339
+from orq_proxy.usage.estimate import estimate_input_tokens, max_output_tokens
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.money import nanos_to_usd
+from orq_proxy.usage.pricing import Pricer, TokenUsage
 
 __all__ = ["BudgetMiddleware", "rejection_response"]
 
@@ -96,10 +98,10 @@ class BudgetMiddleware:
         self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or SCOPE_KEY not in scope:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx: RequestContext = scope[SCOPE_KEY]
+        ctx = get_context(scope)
         principal = ctx.principal
         if principal is None:  # not authenticated: nothing to attribute a budget to (auth answers first)
             await self.app(scope, receive, send)
@@ -128,7 +130,6 @@ class BudgetMiddleware:
         except Exception:
             if not self.fail_open:
                 logger.exception("request %s: budget backend failed; refusing (fail closed)", ctx.request_id)
-                ctx.status_code = 503
                 response = openai_error(
                     503, "budget service unavailable", code="budget_unavailable", headers={"Retry-After": "1"}
                 )
@@ -142,7 +143,6 @@ class BudgetMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(reserved, Rejection):
-            ctx.status_code = 429
             await rejection_response(reserved, now)(scope, receive, send)
             self._refused(ctx, 429)
             return
@@ -270,7 +270,7 @@ def rejection_response(rejection: Rejection, now: datetime) -> JSONResponse:
         "X-RateLimit-Remaining": _header_amount(remaining, dimension),
     }
     if rejection.resets_at is not None:
-        detail["resets_at"] = format_time(rejection.resets_at)
+        detail["resets_at"] = rfc3339(rejection.resets_at)
         retry_after = rejection.retry_after(now) or 0.0
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         headers["X-RateLimit-Reset"] = str(math.ceil(rejection.resets_at.timestamp()))

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from orq_proxy.metering.events import NANOS_PER_USD
-from orq_proxy.metering.pricing import usd_to_nanos
+from orq_proxy.timefmt import rfc3339
+from orq_proxy.usage.money import nanos_to_usd, usd_to_nanos
 
 __all__ = [
     "ALERT_DIMENSION_COST",
@@ -51,9 +51,7 @@ __all__ = [
     "amount_to_nanos",
     "budget_rest",
     "derived_cel",
-    "format_time",
     "identity_budget",
-    "nanos_to_usd",
 ]
 
 ALERT_DIMENSION_COST = "BUDGET_ALERT_DIMENSION_COST"
@@ -403,16 +401,6 @@ def amount_to_nanos(amount: float | None) -> int | None:
 # Rendering
 
 
-def nanos_to_usd(nanos: int) -> float:
-    """Integer nano-USD -> USD float, rounded to 10 decimals."""
-    return round(nanos / NANOS_PER_USD, 10)
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with a `Z` (the Node SDK needs an offset)."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _limits(budget: Budget, *, camel: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if budget.period is not None:
@@ -464,11 +452,11 @@ def _render(budget: Budget, *, camel: bool) -> dict[str, Any]:
         out[key("rate_limit", "rateLimit")] = {rpm: budget.requests_per_minute}
     out[key("is_active", "isActive")] = budget.is_active
     if budget.expires_at is not None:
-        out[key("expires_at", "expiresAt")] = format_time(budget.expires_at)
+        out[key("expires_at", "expiresAt")] = rfc3339(budget.expires_at)
     if budget.alerts:
         out["alerts"] = _alerts(budget, camel=camel)
-    out[key("created_at", "createdAt")] = format_time(budget.created_at)
-    out[key("updated_at", "updatedAt")] = format_time(budget.updated_at)
+    out[key("created_at", "createdAt")] = rfc3339(budget.created_at)
+    out[key("updated_at", "updatedAt")] = rfc3339(budget.updated_at)
     return out
 
 

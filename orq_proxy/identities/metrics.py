@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from orq_proxy.clock import Clock
-from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
 from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.money import nanos_to_usd
 
 __all__ = ["WINDOW_DAYS", "IdentityMetrics", "empty_metrics"]
 
@@ -130,7 +131,7 @@ class IdentityMetrics:
                 cost += ring[base + 4]
         return {
             "total_tokens": tokens,
-            "total_cost": round(cost / NANOS_PER_USD, 10),
+            "total_cost": nanos_to_usd(cost),
             "total_requests": requests,
             "error_rate": errors / requests if requests else 0.0,
         }

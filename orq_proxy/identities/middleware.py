@@ -22,7 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orq_proxy.auth import OPEN_PRINCIPAL
-from orq_proxy.context import SCOPE_KEY, IdentitySource, RequestContext, ResolvedIdentity
+from orq_proxy.context import IdentitySource, RequestContext, ResolvedIdentity, get_context
 from orq_proxy.errors import openai_error
 from orq_proxy.identities.models import (
     DISPLAY_NAME_MAX,
@@ -158,14 +158,10 @@ class IdentityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx: RequestContext | None = scope.get(SCOPE_KEY)
-        if ctx is None:  # not a proxied request (the request layer did not run): nothing to attribute
-            await self.app(scope, receive, send)
-            return
+        ctx = get_context(scope)
         try:
             ctx.identity = await self._resolve(ctx, scope)
         except InvalidIdentityError as exc:
-            ctx.status_code = 400
             response = openai_error(400, str(exc), param=exc.param, code="invalid_identity")
             await response(scope, receive, send)
             return

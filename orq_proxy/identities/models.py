@@ -12,7 +12,6 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,7 +40,6 @@ __all__ = [
     "InvalidCursorError",
     "SortBy",
     "apply_fields",
-    "format_timestamp",
     "identity_to_wire",
     "is_valid_email",
     "make_search_text",
@@ -151,13 +149,6 @@ class IdentityPage:
 
     data: list[Identity]
     has_more: bool
-
-
-def format_timestamp(when: datetime) -> str:
-    """`2026-01-01T00:00:00.000Z`: UTC, millisecond precision, fixed width."""
-    if when.tzinfo is not None:
-        when = when.astimezone(UTC).replace(tzinfo=None)
-    return when.isoformat(timespec="milliseconds") + "Z"
 
 
 def make_search_text(external_id: str, display_name: str | None, email: str | None) -> str:

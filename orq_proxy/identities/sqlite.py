@@ -35,12 +35,12 @@ from orq_proxy.identities.models import (
     IdentityQuery,
     InvalidCursorError,
     apply_fields,
-    format_timestamp,
     name_sort_key,
     new_identity,
     search_needle,
 )
-from orq_proxy.identities.store import MonotonicIds
+from orq_proxy.ids import MonotonicIds
+from orq_proxy.timefmt import rfc3339_millis
 
 __all__ = ["SqliteIdentityStore"]
 
@@ -183,7 +183,7 @@ class SqliteIdentityStore:
 
     def _insert(self, workspace: str, external_id: str, fields: IdentityFields) -> Identity:
         now = self._clock.now()
-        record = new_identity(self._ids.next(now), workspace, external_id, fields, format_timestamp(now))
+        record = new_identity(self._ids.next(now), workspace, external_id, fields, rfc3339_millis(now))
         self._conn.execute(
             "INSERT INTO identities (id, workspace_id, external_id, created, updated, display_name, email, "
             "avatar_url, tags, metadata, search_text, name_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -235,7 +235,7 @@ class SqliteIdentityStore:
         return self._transaction(create)
 
     def _timestamp(self) -> str:
-        return format_timestamp(self._clock.now())
+        return rfc3339_millis(self._clock.now())
 
     def _apply_sync(self, where: str, args: tuple[str, str], fields: IdentityFields) -> Identity | None:
         record = self._select_one(where, *args)

@@ -16,14 +16,10 @@ and kept up to date afterwards, so they cost nothing for a deployment that never
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from itertools import islice
 from typing import Any, Generic, Protocol, TypeVar
-
-from ulid import ULID
 
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.identities.models import (
@@ -35,13 +31,14 @@ from orq_proxy.identities.models import (
     IdentityQuery,
     InvalidCursorError,
     apply_fields,
-    format_timestamp,
     name_sort_key,
     new_identity,
     search_needle,
 )
+from orq_proxy.ids import MonotonicIds
+from orq_proxy.timefmt import rfc3339_millis
 
-__all__ = ["IdentityStore", "InMemoryIdentityStore", "MonotonicIds", "identity_store_from_url"]
+__all__ = ["IdentityStore", "InMemoryIdentityStore", "identity_store_from_url"]
 
 _BLOCK = 1000  # keys per block of a sorted index; blocks split at twice this
 _BLOCK_TEXT_SEPARATOR = "\x01"
@@ -99,43 +96,6 @@ class IdentityStore(Protocol):
     async def close(self) -> None:
         """Release resources (connections, threads)."""
         ...
-
-
-class MonotonicIds:
-    """ULIDs from a clock that never repeat and never go backwards within one process.
-
-    The timestamp part comes from the injected clock (so `_id` order agrees with `created`); when two ids
-    fall in the same millisecond, or the clock stands still (a FakeClock), the next id is the previous one
-    plus one, so `_id` order is exactly creation order. Encoded here rather than through `ulid.ULID`
-    because creating identities in bulk spent most of its time there.
-    """
-
-    __slots__ = ("_clock", "_last")
-
-    def __init__(self, clock: Clock, last: str | None = None) -> None:
-        self._clock = clock
-        self._last = int(ULID.from_str(last)) if last else 0
-
-    def next(self, now: datetime | None = None) -> str:
-        when = now or self._clock.now()
-        millis = int(when.timestamp() * 1000)
-        # A new millisecond starts from fresh random bits; within the same one (or if the clock went
-        # back) the id counts up from the last, as the ULID spec's monotonic mode does.
-        fresh = millis > self._last >> 80
-        self._last = value = (millis << 80) | int.from_bytes(os.urandom(10)) if fresh else self._last + 1
-        return _encode_ulid(value)
-
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def _encode_ulid(value: int) -> str:
-    """128 bits as 26 Crockford base-32 characters (the ULID text form)."""
-    chars = [""] * 26
-    for i in range(25, -1, -1):
-        chars[i] = _CROCKFORD[value & 31]
-        value >>= 5
-    return "".join(chars)
 
 
 class _SortedKeys(Generic[_K]):
@@ -361,7 +321,7 @@ class InMemoryIdentityStore:
         return len(ws.by_id) if ws else 0
 
     def _timestamp(self) -> str:
-        return format_timestamp(self._clock.now())
+        return rfc3339_millis(self._clock.now())
 
     def _workspace(self, workspace: str) -> _Workspace:
         ws = self._workspaces.get(workspace)
@@ -371,7 +331,7 @@ class InMemoryIdentityStore:
 
     def _insert(self, ws: _Workspace, workspace: str, external_id: str, fields: IdentityFields) -> Identity:
         now = self._clock.now()
-        record = new_identity(self._ids.next(now), workspace, external_id, fields, format_timestamp(now))
+        record = new_identity(self._ids.next(now), workspace, external_id, fields, rfc3339_millis(now))
         ws.index(record)
         return record
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orq_proxy.clock import Clock
-from orq_proxy.context import SCOPE_KEY, RequestContext
-from orq_proxy.metering.estimate import estimate_input_tokens, estimate_tokens_from_bytes
-from orq_proxy.metering.events import UsageEvent
-from orq_proxy.metering.pricing import Pricer, TokenUsage
+from orq_proxy.context import RequestContext, get_context
 from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap
+from orq_proxy.usage.estimate import estimate_input_tokens, estimate_tokens_from_bytes
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.pricing import Pricer, TokenUsage
 
 if TYPE_CHECKING:
     from orq_proxy.metering.prometheus import PrometheusMetrics
@@ -131,10 +131,10 @@ class MeteringMiddleware:
         self.prom = prom
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or SCOPE_KEY not in scope:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx: RequestContext = scope[SCOPE_KEY]
+        ctx = get_context(scope)
         meter = _Meter(hide_usage=_inject_include_usage(ctx))
         clock = self.clock
 

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orq_proxy.metering.events import NANOS_PER_USD, UsageEvent
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.money import nanos_to_usd
 
 # Returns the upstream pool's (open, idle) connection counts (`UpstreamApp.connection_counts`).
 ConnectionCounts = Callable[[], tuple[int, int]]
@@ -190,7 +191,7 @@ class PrometheusMetrics:
                 lines.append(f"orq_proxy_tokens_total{labels} {n}")
         head("orq_proxy_cost_usd_total", "counter", "Cost in USD, from genai-prices or config overrides.")
         for key, nanos in sorted(self.cost_nanos.items()):
-            lines.append(f"orq_proxy_cost_usd_total{_labels(base, key)} {_num(nanos / NANOS_PER_USD)}")
+            lines.append(f"orq_proxy_cost_usd_total{_labels(base, key)} {_num(nanos_to_usd(nanos))}")
         head(
             "orq_proxy_estimated_usage_total", "counter", "Requests whose usage was estimated, not reported."
         )

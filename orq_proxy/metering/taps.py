@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from orq_proxy.metering.pricing import TokenUsage
+from orq_proxy.usage.pricing import TokenUsage
 
 __all__ = [
     "DEFAULT_JSON_CAP",

@@ -232,7 +232,6 @@ class UpstreamApp:
                 read_timeout=target.read_timeout,
             )
         except ValueError as exc:  # a header value with a line break (servers refuse these; belt and braces)
-            ctx.status_code = 400
             finishing[0] = True
             await openai_error(400, f"invalid request header: {exc}", code="invalid_header")(
                 scope, _noop_receive, send
@@ -241,7 +240,6 @@ class UpstreamApp:
         except (TimeoutError, UpstreamConnectError) as exc:
             status, message = _upstream_failure(exc)
             ctx.upstream_error = message
-            ctx.status_code = status
             logger.warning("request %s: %s", ctx.request_id, message)
             finishing[0] = True
             await openai_error(status, message, code="upstream_error")(scope, _noop_receive, send)
@@ -249,7 +247,6 @@ class UpstreamApp:
 
         complete = False
         try:
-            ctx.status_code = response.status
             await send(
                 {
                     "type": "http.response.start",

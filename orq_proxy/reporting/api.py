@@ -22,8 +22,9 @@ from orq_proxy.clock import Clock
 from orq_proxy.errors import GRPC_INTERNAL, OrqAPIError, orq_error
 from orq_proxy.management import admin_principal, json_ok, read_json_object
 from orq_proxy.reporting.engine import ReportEngine, ReportResult, ReportScope
-from orq_proxy.reporting.query import ReportQuery, ReportQueryError, format_timestamp, parse_report_query
+from orq_proxy.reporting.query import ReportQuery, ReportQueryError, parse_report_query
 from orq_proxy.sinks.duckdb import DuckDBEventStore
+from orq_proxy.timefmt import rfc3339
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -42,7 +43,7 @@ def render_report(query: ReportQuery, result: ReportResult, request_id: str) -> 
     for row in result.rows:
         item: dict[str, Any] = {}
         if row.timestamp is not None:
-            item["timestamp"] = format_timestamp(row.timestamp)
+            item["timestamp"] = rfc3339(row.timestamp)
         item["dimensions"] = row.dimensions
         item["metrics"] = row.metrics
         data.append(item)

@@ -34,9 +34,9 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any
 
 from orq_proxy.auth import Principal
-from orq_proxy.metering.events import NANOS_PER_USD
 from orq_proxy.reporting.query import Filter, ReportQuery
 from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore
+from orq_proxy.usage.money import nanos_to_usd
 
 __all__ = [
     "NO_QUALITY_EVENTS_WARNING",
@@ -334,7 +334,7 @@ def _convert(agg: _Agg, value: Any) -> int | float | None:
     if agg.kind == "int":
         return int(value)
     if agg.kind == "usd":
-        return round(int(value) / NANOS_PER_USD, ROUND_DIGITS)
+        return nanos_to_usd(int(value))
     return round(float(value), ROUND_DIGITS)
 
 

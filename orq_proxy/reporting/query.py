@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from orq_proxy.timefmt import rfc3339
+
 __all__ = [
     "AUTO_GRAIN_LIMITS",
     "BUNDLE_FIELDS",
@@ -53,7 +55,6 @@ __all__ = [
     "Filter",
     "ReportQuery",
     "ReportQueryError",
-    "format_timestamp",
     "parse_report_query",
 ]
 
@@ -254,14 +255,6 @@ class ReportQuery:
     def is_usage(self) -> bool:
         """True for metrics computed from usage events (not evaluator/guardrail metrics)."""
         return self.metric in USAGE_METRICS
-
-
-def format_timestamp(value: datetime) -> str:
-    """An aware or naive-UTC datetime as RFC 3339 UTC with `Z` (microseconds only when non-zero)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    text = value.isoformat()
-    return text + "Z"
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -494,9 +487,7 @@ def _check_window(
 ) -> str:
     """Range rules; returns the effective grain."""
     if start >= end:
-        problems.append(
-            f"from must be before to (from {format_timestamp(start)} is not before to {format_timestamp(end)})"
-        )
+        problems.append(f"from must be before to (from {rfc3339(start)} is not before to {rfc3339(end)})")
         return "day"
     span = end - start
     if span > MAX_RANGE:
@@ -506,8 +497,8 @@ def _check_window(
     oldest = now - timedelta(days=retention_days)
     if start < oldest:
         problems.append(
-            f"from: {format_timestamp(start)} is older than the retention window: events are kept "
-            f"{retention_days} days, so from must be at or after {format_timestamp(oldest)}"
+            f"from: {rfc3339(start)} is older than the retention window: events are kept "
+            f"{retention_days} days, so from must be at or after {rfc3339(oldest)}"
         )
     if grain == "auto":
         return next((g for g, limit in AUTO_GRAIN_LIMITS if span <= limit), "day")
@@ -584,9 +575,9 @@ def parse_report_query(body: Mapping[str, Any], *, now: datetime, retention_days
         if body.get(key) is None:
             continue
         if key == "from":
-            echo[key] = format_timestamp(start)
+            echo[key] = rfc3339(start)
         elif key == "to":
-            echo[key] = format_timestamp(end)
+            echo[key] = rfc3339(end)
         elif key == "filters":
             echo[key] = [{"field": f.field, "op": f.op, "values": list(f.values)} for f in filters]
         elif key == "group_by":

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.usage.events import UsageEvent
 
 if TYPE_CHECKING:
     from orq_proxy.config import ProxyConfig

@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from orq_proxy.metering.events import BudgetConsumption, UsageEvent
+from orq_proxy.usage.events import BudgetConsumption, UsageEvent
 
 __all__ = [
     "COLUMN_DEFAULTS",

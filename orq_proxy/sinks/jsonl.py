@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.usage.events import UsageEvent
 
 __all__ = ["JsonlSink"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.usage.events import UsageEvent
 
 __all__ = ["MemorySink"]
 

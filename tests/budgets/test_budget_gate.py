@@ -25,11 +25,11 @@ from orq_proxy.app import OrqProxy
 from orq_proxy.budgets.counters import InMemoryCounters
 from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
 from orq_proxy.config import ProxyConfig
-from orq_proxy.metering.estimate import estimate_input_tokens
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
+from orq_proxy.usage.estimate import estimate_input_tokens
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN = "sk-admin"

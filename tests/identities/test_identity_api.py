@@ -13,9 +13,9 @@ from orq_ai_sdk.models import APIDefaultError, ErrorResponse
 
 from orq_proxy.app import OrqProxy
 from orq_proxy.identities.metrics import IdentityMetrics
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread
+from orq_proxy.usage.events import UsageEvent
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ADMIN_A = "sk-admin-a"

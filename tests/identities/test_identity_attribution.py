@@ -16,10 +16,10 @@ from orq_ai_sdk import Orq
 from orq_ai_sdk.models import ErrorResponse
 
 from orq_proxy.app import OrqProxy
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
+from orq_proxy.usage.events import UsageEvent
 
 ADMIN = "sk-admin"
 USER = "sk-user"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from orq_proxy.identities.metrics import IdentityMetrics, empty_metrics
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.testing.clock import FakeClock
+from orq_proxy.usage.events import UsageEvent
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

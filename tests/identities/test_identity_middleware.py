@@ -11,7 +11,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from orq_proxy.auth import AuthMiddleware, KeyRing, Principal, hash_key
-from orq_proxy.context import ResolvedIdentity, get_context
+from orq_proxy.context import MissingContext, ResolvedIdentity, get_context
 from orq_proxy.identities.middleware import IdentityMiddleware, parse_body_identity
 from orq_proxy.identities.models import IdentityQuery
 from orq_proxy.identities.store import InMemoryIdentityStore
@@ -274,7 +274,8 @@ def test_lone_surrogates_are_rejected() -> None:
 
 
 async def test_non_http_and_context_free_requests_pass_through() -> None:
-    """Lifespan and requests without a RequestContext go straight to the next app."""
+    """Lifespan goes straight to the next app; a request without a RequestContext is a wiring bug, said
+    as such (`MissingContext`)."""
     seen: list[str] = []
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,5 +290,6 @@ async def test_non_http_and_context_free_requests_pass_through() -> None:
         return None
 
     await mw({"type": "lifespan"}, receive, send)
-    await mw({"type": "http", "headers": [(b"x-orq-identity-id", b"u")]}, receive, send)
-    assert seen == ["lifespan", "http"]
+    with pytest.raises(MissingContext):
+        await mw({"type": "http", "headers": [(b"x-orq-identity-id", b"u")]}, receive, send)
+    assert seen == ["lifespan"]

@@ -28,10 +28,10 @@ from orq_proxy.identities.sqlite import SqliteIdentityStore
 from orq_proxy.identities.store import (
     IdentityStore,
     InMemoryIdentityStore,
-    MonotonicIds,
     _SortedKeys,
     identity_store_from_url,
 )
+from orq_proxy.ids import MonotonicIds
 from orq_proxy.testing.clock import FakeClock
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -22,12 +22,12 @@ from genai_prices import Usage, calc_price
 from orq_ai_sdk import Orq
 
 from orq_proxy.app import OrqProxy
-from orq_proxy.metering.events import UsageEvent
-from orq_proxy.metering.pricing import usd_to_nanos
 from orq_proxy.sinks.duckdb import EVENTS_TABLE
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.money import usd_to_nanos
 
 MESSAGES: list[Any] = [{"role": "user", "content": "count the words in this prompt"}]
 UPSTREAM_KEY = "sk-upstream-secret"

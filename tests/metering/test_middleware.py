@@ -14,13 +14,13 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from orq_proxy.auth import Principal
-from orq_proxy.context import SCOPE_KEY, RequestContext, ResolvedIdentity
-from orq_proxy.metering.estimate import estimate_input_tokens, estimate_tokens_from_bytes
-from orq_proxy.metering.events import UsageEvent
+from orq_proxy.context import SCOPE_KEY, MissingContext, RequestContext, ResolvedIdentity
 from orq_proxy.metering.middleware import MeteringMiddleware
-from orq_proxy.metering.pricing import Cost, Pricer, TokenUsage
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.testing.clock import FakeClock
+from orq_proxy.usage.estimate import estimate_input_tokens, estimate_tokens_from_bytes
+from orq_proxy.usage.events import UsageEvent
+from orq_proxy.usage.pricing import Cost, Pricer, TokenUsage
 
 SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]
 JSON = [(b"content-type", b"application/json"), (b"content-length", b"99")]
@@ -415,7 +415,8 @@ async def test_compressed_stream_not_rewritten() -> None:
 
 
 async def test_non_http_and_context_free_requests_pass_through() -> None:
-    """Lifespan/websocket scopes and scopes without a context are not metered."""
+    """Lifespan/websocket scopes are not metered; an HTTP scope without a context is a wiring bug, said
+    as such (`MissingContext`), never a silently unmetered request."""
     h = Harness()
     seen: list[str] = []
 
@@ -431,8 +432,9 @@ async def test_non_http_and_context_free_requests_pass_through() -> None:
         pass
 
     await mw({"type": "lifespan"}, noop_receive, noop_send)
-    await mw({"type": "http"}, noop_receive, noop_send)
-    assert seen == ["lifespan", "http"] and h.bus.events == []
+    with pytest.raises(MissingContext):
+        await mw({"type": "http"}, noop_receive, noop_send)
+    assert seen == ["lifespan"] and h.bus.events == []
 
 
 async def test_bad_stream_options_left_for_upstream() -> None:

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.metering.prometheus import CONTENT_TYPE, PrometheusMetrics, prometheus_route
 from orq_proxy.sinks.base import EventBus
 from orq_proxy.sinks.memory import MemorySink
+from orq_proxy.usage.events import UsageEvent
 
 
 def event(**kw: Any) -> UsageEvent:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orq_proxy.metering.pricing import TokenUsage
 from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap, output_text_bytes, parse_usage
+from orq_proxy.usage.pricing import TokenUsage
 
 CHAT_USAGE = {
     "prompt_tokens": 11,

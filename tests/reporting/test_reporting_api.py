@@ -14,12 +14,12 @@ from orq_ai_sdk import Orq, models
 from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing, Principal, hash_key
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.query import QUALITY_METRICS
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
+from orq_proxy.usage.events import UsageEvent
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 DAY = datetime(2026, 5, 30, tzinfo=UTC)

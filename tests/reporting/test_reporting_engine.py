@@ -17,13 +17,14 @@ from orq_ai_sdk import Orq
 from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.engine import ReportEngine, ReportScope, offset_segments
-from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, format_timestamp, parse_report_query
+from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, parse_report_query
 from orq_proxy.sinks.duckdb import DuckDBEventStore
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
+from orq_proxy.timefmt import rfc3339
+from orq_proxy.usage.events import UsageEvent
 
 NOW = datetime(2026, 10, 30, 12, 0, tzinfo=UTC)
 # Ten days around the end of European summer time (2026-10-25 01:00 UTC).
@@ -568,8 +569,8 @@ def test_buckets_across_transitions(zone: str, grain: str, start: datetime) -> N
     try:
         body = {
             "metric": "genai.requests",
-            "from": format_timestamp(start),
-            "to": format_timestamp(start + timedelta(hours=17)),
+            "from": rfc3339(start),
+            "to": rfc3339(start + timedelta(hours=17)),
             "grain": grain,
             "time_zone": zone,
         }

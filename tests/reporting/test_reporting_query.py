@@ -12,9 +12,9 @@ from orq_proxy.reporting.query import (
     GROUP_BY_VALUES,
     METRICS,
     ReportQueryError,
-    format_timestamp,
     parse_report_query,
 )
+from orq_proxy.timefmt import rfc3339
 
 NOW = datetime(2026, 10, 30, 12, 0, tzinfo=UTC)
 BASE = {"metric": "genai.cost", "from": "2026-10-21T00:00:00Z", "to": "2026-10-28T00:00:00Z"}
@@ -65,7 +65,7 @@ def test_times_naive_is_utc_offsets_converted(raw: str, want: datetime) -> None:
     """A naive `from` is UTC; offsets are converted; fractions beyond microseconds are dropped."""
     q = parse_report_query({**BASE, "from": raw}, now=NOW)
     assert q.start == want
-    assert q.echo["from"] == format_timestamp(want)
+    assert q.echo["from"] == rfc3339(want)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_times_naive_is_utc_offsets_converted(raw: str, want: datetime) -> None:
 def test_auto_grain(span: timedelta, want: str) -> None:
     """`auto`: minute up to 6 hours, hour up to 7 days, day beyond."""
     start = datetime(2026, 8, 5, tzinfo=UTC)
-    body = {**BASE, "from": format_timestamp(start), "to": format_timestamp(start + span), "grain": "auto"}
+    body = {**BASE, "from": rfc3339(start), "to": rfc3339(start + span), "grain": "auto"}
     assert parse_report_query(body, now=NOW).effective_grain == want
 
 
@@ -89,11 +89,9 @@ def test_auto_grain(span: timedelta, want: str) -> None:
 def test_grain_limits_exact_edges(grain: str, limit: timedelta) -> None:
     """An explicit grain is allowed up to its limit and refused one second past it, naming the limit."""
     start = datetime(2026, 9, 1, tzinfo=UTC)
-    body = {**BASE, "from": format_timestamp(start), "grain": grain}
-    assert (
-        parse_report_query({**body, "to": format_timestamp(start + limit)}, now=NOW).effective_grain == grain
-    )
-    message = problems({**body, "to": format_timestamp(start + limit + timedelta(seconds=1))})
+    body = {**BASE, "from": rfc3339(start), "grain": grain}
+    assert parse_report_query({**body, "to": rfc3339(start + limit)}, now=NOW).effective_grain == grain
+    message = problems({**body, "to": rfc3339(start + limit + timedelta(seconds=1))})
     assert f"grain: '{grain}' is too fine" in message
     assert f"{grain} buckets allow a range of at most" in message
 

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orq_proxy.metering.events import UsageEvent
 from orq_proxy.sinks.base import EventBus, UsageSink, sink_name
 from orq_proxy.sinks.memory import MemorySink
+from orq_proxy.usage.events import UsageEvent
 
 FAST = {"flush_interval": 0.01, "backoff_initial": 0.001, "backoff_max": 0.005, "write_timeout": 0.2}
 

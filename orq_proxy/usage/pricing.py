@@ -11,25 +11,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Literal, NamedTuple
 
-__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "genai_provider_ids", "usd_to_nanos"]
+from orq_proxy.usage.money import usd_to_nanos
+
+__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "genai_provider_ids"]
 
 logger = logging.getLogger(__name__)
 
 PriceSource = Literal["genai-prices", "override", "unknown"]
-_NANOS = Decimal(1_000_000_000)
 _PER_MTOK = Decimal(1_000_000)
 _ATTO = Decimal(10) ** 18
 _ATTO_PER_NANO = 1_000_000_000
 _CACHE_MAX = 4096  # (provider, model) pairs whose rates are kept
-
-
-def usd_to_nanos(usd: Decimal | float | int) -> int:
-    """USD -> integer nano-USD, rounded half-even."""
-    value = usd if isinstance(usd, Decimal) else Decimal(str(usd))
-    return int((value * _NANOS).to_integral_value(ROUND_HALF_EVEN))
 
 
 class TokenUsage(NamedTuple):

@@ -12,9 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["NANOS_PER_USD", "BudgetConsumption", "UsageEvent"]
-
-NANOS_PER_USD = 1_000_000_000
+__all__ = ["BudgetConsumption", "UsageEvent"]
 
 
 class UsageEvent(BaseModel):

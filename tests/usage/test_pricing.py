@@ -11,7 +11,8 @@ import pytest
 from genai_prices import Usage, calc_price
 
 from orq_proxy.metering import pricing
-from orq_proxy.metering.pricing import Cost, Pricer, TokenUsage, _atto_to_nanos, usd_to_nanos
+from orq_proxy.usage.money import usd_to_nanos
+from orq_proxy.usage.pricing import Cost, Pricer, TokenUsage, _atto_to_nanos
 
 MODELS = [
     "gpt-4o",
