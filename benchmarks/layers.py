@@ -106,7 +106,7 @@ async def measure(
         finishing[0] = True
         await send({"type": "http.response.body", "body": chunks[-1], "more_body": False})
 
-    app.upstream._forward = forward  # type: ignore[method-assign]
+    app.services.upstream._forward = forward  # type: ignore[method-assign]
     request_headers = [
         (b"host", b"127.0.0.1"),
         (b"authorization", f"Bearer {compare.API_KEY}".encode()),

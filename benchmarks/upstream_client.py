@@ -1,4 +1,4 @@
-"""The forwarding client alone: orq-proxy's `ConnectionPool` (`proxy/http1.py`) against aiohttp.
+"""The forwarding client alone: orq-proxy's `ConnectionPool` (`proxy/_http1.py`) against aiohttp.
 
 Both clients send the same chat completion to the fake upstream (a separate process, on the other CPU when
 there are two) with `--concurrency` requests in flight, on uvloop, in this process (pinned to CPU 0): no
@@ -30,7 +30,7 @@ import aiohttp
 import compare
 import uvloop
 
-from orq_proxy.proxy.http1 import ConnectionPool, origin_of
+from orq_proxy.proxy._http1 import ConnectionPool, origin_of
 
 PATH = "/v1/chat/completions"
 TIMEOUTS = {"connect_timeout": 10.0, "headers_timeout": 60.0, "read_timeout": 60.0}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orq_proxy.proxy.http1 import origin_of
+from orq_proxy.proxy.upstream import origin_of
 from orq_proxy.usage.pricing import genai_provider_ids
 
 __all__ = [

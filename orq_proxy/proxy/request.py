@@ -1,10 +1,11 @@
 """The outermost layer of the proxied surface: request id, bounded body read, JSON parsed once.
 
 It reads the whole request body (up to `max_body_bytes`, else 413), parses a JSON object body once into
-the `RequestContext`, takes orq's `orq` extension object and a top-level `identity` out of it (they must
-never reach an upstream), and replays the body to the inner layers. Every response gets `x-request-id`.
-If an inner layer raises before the response started, the client gets a 500 in OpenAI's shape and the
-exception propagates.
+the `RequestContext`, takes orq's `orq` extension object out of it (`ctx.orq`, where the slices read
+their own keys; it must never reach an upstream), and replays the body to the inner layers. Other
+orq-specific top-level fields are taken out by the slice they belong to. Every response gets
+`x-request-id`. If an inner layer raises before the response started, the client gets a 500 in OpenAI's
+shape and the exception propagates.
 """
 
 from __future__ import annotations
@@ -195,8 +196,8 @@ def _json_type(value: Any) -> str:
 
 
 def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
-    """Parse a JSON object body into `ctx` and lift `orq`/`identity` out of it. Returns an error response
-    for a JSON body that does not parse, else None. Non-JSON bodies (multipart uploads) stay opaque."""
+    """Parse a JSON object body into `ctx` and lift `orq` out of it. Returns an error response for a JSON
+    body that does not parse, else None. Non-JSON bodies (multipart uploads) stay opaque."""
     raw = ctx.raw_body
     if not raw:
         return None
@@ -221,9 +222,6 @@ def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
         if orq is not None and not isinstance(orq, dict):
             return openai_error(400, "orq must be an object", code="invalid_value", param="orq")
         ctx.orq = orq
-        ctx.body_changed = True
-    if "identity" in data:
-        ctx.body_identity = data.pop("identity")
         ctx.body_changed = True
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):

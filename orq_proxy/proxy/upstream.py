@@ -1,8 +1,10 @@
 """`UpstreamApp`: the terminal ASGI app that forwards a request to its upstream and streams the answer back.
 
-One `ConnectionPool` of keep-alive HTTP/1.1 connections (`http1.py`; docs/architecture.md, "Forwarding",
-says why not aiohttp or httpx). Response bytes go to the client as they arrive; nothing is buffered beyond
-what the client has not taken yet (bounded: reading from the upstream pauses).
+It sends through a `Forwarder`: by default one `ConnectionPool` of keep-alive HTTP/1.1 connections
+(`_http1.py`; docs/architecture.md, "Forwarding", says why not aiohttp or httpx), or whatever the
+constructor is given (`orq_proxy.testing.forwarder.ScriptedForwarder` in tests, no sockets). Response
+bytes go to the client as they arrive; nothing is buffered beyond what the client has not taken yet
+(bounded: reading from the upstream pauses).
 
 Failures, in OpenAI's error shape: upstream unreachable -> 502; no response headers within the upstream's
 `headers_timeout` -> 504; upstream 4xx/5xx pass through unchanged. A client that disconnects cancels the
@@ -17,15 +19,34 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote, quote_from_bytes, unquote
 
 from starlette.types import Message, Receive, Scope, Send
 
 from orq_proxy.context import RequestContext, get_context
 from orq_proxy.errors import openai_error
-from orq_proxy.proxy.http1 import ConnectionPool, UpstreamConnectError, UpstreamReadError, origin_of
+from orq_proxy.proxy._http1 import (
+    ConnectionPool,
+    Origin,
+    UpstreamConnectError,
+    UpstreamReadError,
+    origin_of,
+)
 
-__all__ = ["WATCH_AFTER", "UpstreamApp", "UpstreamStreamError", "UpstreamTarget", "targets_from_config"]
+__all__ = [
+    "WATCH_AFTER",
+    "ForwardedResponse",
+    "Forwarder",
+    "Origin",
+    "UpstreamApp",
+    "UpstreamConnectError",
+    "UpstreamReadError",
+    "UpstreamStreamError",
+    "UpstreamTarget",
+    "origin_of",
+    "targets_from_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +104,85 @@ class UpstreamStreamError(Exception):
     """The upstream failed after the response had started; the client connection is aborted."""
 
 
+class ForwardedResponse(Protocol):
+    """An upstream answer whose status and headers are in, and whose body is read as it arrives.
+
+    `UpstreamApp` reads until `b""`, then calls exactly one of `release()` (the body was read to its end)
+    or `close()` (cancelled or broken: the exchange is dropped, which stops the upstream's work).
+    """
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # raw (name, value) pairs as received
+
+    @property
+    def at_eof(self) -> bool:
+        """True once the whole body has arrived and been read (the last `read()` was the last chunk)."""
+        ...
+
+    async def read(self) -> bytes:
+        """The next body bytes, or `b""` at the end.
+
+        Raises:
+            TimeoutError: no bytes within the request's `read_timeout`.
+            UpstreamReadError: the upstream failed or the response was malformed.
+        """
+        ...
+
+    def release(self) -> None:
+        """Done with a fully read body (a keep-alive connection may be reused)."""
+        ...
+
+    def close(self) -> None:
+        """Drop the exchange (cancelled or broken)."""
+        ...
+
+
+class Forwarder(Protocol):
+    """What `UpstreamApp` needs of its upstream client: send one request, stream its answer back.
+
+    The invariant: `request()` returns once the answer's headers are in and never retries (a POST cannot
+    safely be sent twice); its errors are exactly those below, which `UpstreamApp` maps to 400/502/504.
+    `ConnectionPool` is the implementation; `orq_proxy.testing.forwarder.ScriptedForwarder` scripts one
+    for tests without sockets.
+
+    Example:
+        forwarder = ScriptedForwarder(ScriptedAnswer(status=429, body=[b'{"error": {}}']))
+        app = UpstreamApp({"openai": UpstreamTarget("http://fake/v1")}, forwarder=forwarder)
+    """
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        connect_timeout: float,
+        headers_timeout: float,
+        read_timeout: float,
+    ) -> ForwardedResponse:
+        """Send `method target` with `headers` and `body` to `origin`; returns once the headers are in.
+
+        `target` is the percent-encoded path and query; `headers` never hold `host`, `content-length`,
+        `transfer-encoding` or `connection` (those are the forwarder's).
+
+        Raises:
+            UpstreamConnectError: no answer (refused, reset, DNS, TLS, closed before the headers): 502.
+            TimeoutError: connecting or waiting for the headers took too long: 504.
+            ValueError: a header or the target would break the request framing: 400.
+        """
+        ...
+
+    def connection_counts(self) -> tuple[int, int]:
+        """Upstream connections (open, idle), for `/metrics`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close idle connections and refuse new requests; exchanges in flight end on their own."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamTarget:
     """Where one provider's requests go."""
@@ -99,7 +199,7 @@ def _upstream_failure(exc: BaseException) -> tuple[int, str]:
     else (refused, reset, DNS, TLS, closed before answering) is 502."""
     if isinstance(exc, TimeoutError):
         return 504, "upstream timed out before sending response headers"
-    return 502, f"upstream unreachable: {exc or type(exc).__name__}"
+    return 502, f"upstream unreachable: {str(exc) or type(exc).__name__}"
 
 
 class UpstreamApp:
@@ -107,21 +207,30 @@ class UpstreamApp:
 
     Args:
         targets: provider name -> `UpstreamTarget`.
-        max_connections: connection pool size across all upstreams.
+        forwarder: what sends the requests; None (the default) is a `ConnectionPool`, created lazily on
+            first use (or by `startup()` from a lifespan) and made again if used after `aclose()`. A given
+            forwarder is owned from then on: `aclose()` closes it.
+        max_connections: size of the default connection pool, across all upstreams.
 
-    The connection pool is created lazily on first use (or by `startup()` from a lifespan) and closed by
-    `aclose()`. It keeps no cookies and decompresses nothing: bytes pass through as the upstream sent them.
+    The default pool keeps no cookies and decompresses nothing: bytes pass through as the upstream sent them.
 
     Raises:
         ValueError: a target's `base_url` is not an http(s) URL, or its API key holds a line break.
     """
 
-    def __init__(self, targets: Mapping[str, UpstreamTarget], *, max_connections: int = 1000) -> None:
+    def __init__(
+        self,
+        targets: Mapping[str, UpstreamTarget],
+        *,
+        forwarder: Forwarder | None = None,
+        max_connections: int = 1000,
+    ) -> None:
         if not targets:
             raise ValueError("at least one upstream target is needed")
         self.targets = dict(targets)
         self.max_connections = max_connections
-        self._pool: ConnectionPool | None = None
+        self._injected = forwarder is not None
+        self._forwarder = forwarder
         self._origins = {name: origin_of(t.base_url) for name, t in self.targets.items()}
         self._auth: dict[str, tuple[bytes, bytes] | None] = {}
         for name, t in self.targets.items():
@@ -130,26 +239,32 @@ class UpstreamApp:
             self._auth[name] = (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
 
     @property
-    def pool(self) -> ConnectionPool:
-        if self._pool is None:
+    def forwarder(self) -> Forwarder:
+        """The forwarder in use (the default pool is made here on first use)."""
+        if self._forwarder is None:
             # Idle connections are dropped after 4 s, before the 5 s keep-alive timeout common on servers
             # (uvicorn's default), so a request is not written to a connection the upstream is closing.
-            self._pool = ConnectionPool(limit=self.max_connections, keepalive_timeout=4.0)
-        return self._pool
+            self._forwarder = ConnectionPool(limit=self.max_connections, keepalive_timeout=4.0)
+        return self._forwarder
 
     def connection_counts(self) -> tuple[int, int]:
         """Upstream connections (open, idle in the pool), for `/metrics`."""
-        if self._pool is None:
+        if self._forwarder is None:
             return 0, 0
-        return self._pool.open_connections, self._pool.idle_connections()
+        return self._forwarder.connection_counts()
 
     async def startup(self) -> None:
-        _ = self.pool
+        """Create the default pool now (from a lifespan) rather than on the first request."""
+        _ = self.forwarder
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.aclose()
+        """Close the forwarder. The default pool is dropped too (a later request makes a new one)."""
+        forwarder = self._forwarder
+        if forwarder is None:
+            return
+        if not self._injected:
+            self._forwarder = None
+        await forwarder.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # pragma: no cover - the dispatcher only sends http here
@@ -221,7 +336,7 @@ class UpstreamApp:
         if ctx.body_changed and ctx.body is not None:
             content = _serialize(ctx.body)
         try:
-            response = await self.pool.request(
+            response = await self.forwarder.request(
                 origin,
                 ctx.method,
                 path.encode("ascii"),  # percent-encoded above: ASCII only
@@ -264,7 +379,7 @@ class UpstreamApp:
                         break
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (TimeoutError, UpstreamReadError) as exc:
-                ctx.upstream_error = f"upstream failed mid-response: {exc or type(exc).__name__}"
+                ctx.upstream_error = f"upstream failed mid-response: {str(exc) or type(exc).__name__}"
                 logger.warning("request %s: %s", ctx.request_id, ctx.upstream_error)
                 raise UpstreamStreamError(ctx.upstream_error) from exc
             if not complete:

@@ -1,5 +1,6 @@
-"""The forwarding client (`http1.py`) against real sockets: scripted asyncio servers that answer exactly as
-told, so keep-alive, framing, timeouts, failures and back-pressure can each be provoked."""
+"""The forwarding client (`_http1.py`) against real sockets: scripted asyncio servers that answer exactly as
+told, so keep-alive, framing, timeouts, failures and back-pressure can each be provoked. Idle expiry runs on
+a `FakeClock`; the timeouts that remain real are the socket's own (short, and the servers wait on events)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from orq_proxy.proxy.http1 import (
+from orq_proxy.proxy._http1 import (
     HIGH_WATER,
     ConnectionPool,
     Origin,
@@ -23,6 +24,7 @@ from orq_proxy.proxy.http1 import (
     UpstreamReadError,
     origin_of,
 )
+from orq_proxy.testing.clock import FakeClock
 
 TIMEOUTS: dict[str, Any] = {"connect_timeout": 5.0, "headers_timeout": 5.0, "read_timeout": 5.0}
 JSON_OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
@@ -102,6 +104,20 @@ async def serve() -> AsyncIterator[Start]:
         await asyncio.gather(*server.tasks, return_exceptions=True)
 
 
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `condition()` holds, checking after each turn of the loop (fails after `within` s)."""
+    async with asyncio.timeout(within):
+        # Polled: what is waited for (a transport noticing a close, pausing its reads) sets no event.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
+async def until_closed(reader: asyncio.StreamReader) -> None:
+    """Hold a connection open, answering nothing, until the client closes it."""
+    while await reader.read(65536):
+        pass
+
+
 def answering(*answers: bytes, then_close: bool = False) -> Handler:
     """Answers the n-th request on a connection with `answers[n]` (the last one repeats), keeping the
     connection open unless `then_close` (closed after the last answer)."""
@@ -176,17 +192,50 @@ async def test_idle_connection_closed_by_upstream_is_not_reused(serve: Start) ->
     pool = ConnectionPool()
     assert (await call(pool, server.origin()))[0] == 200
     await server.closed.wait()
-    await asyncio.sleep(0.05)  # the client's transport sees the close
+    (idle,) = pool._idle[server.origin().key]
+    await eventually(lambda: idle.closed)  # the client's transport sees the close
+    assert pool.idle_connections() == 1  # still listed: expiry is lazy
     assert (await call(pool, server.origin()))[0] == 200  # a fresh connection, no error
     assert server.connections == 2
 
 
-async def test_expired_idle_connection_is_replaced(serve: Start) -> None:
+@pytest.mark.parametrize(("idle_for", "connections"), [(3.9, 1), (4.0, 2), (60.0, 2)])
+async def test_idle_connection_is_reused_until_keepalive_timeout(
+    serve: Start, idle_for: float, connections: int
+) -> None:
+    """An idle connection is reused for less than `keepalive_timeout` seconds, then replaced."""
     server = await serve(answering(JSON_OK))
-    pool = ConnectionPool(keepalive_timeout=0.05)
+    clock = FakeClock()
+    pool = ConnectionPool(keepalive_timeout=4.0, clock=clock.monotonic)
     await call(pool, server.origin())
-    await asyncio.sleep(0.1)
+    clock.advance(idle_for)
     await call(pool, server.origin())
+    assert server.connections == connections
+    assert pool.connection_counts() == (1, 1)
+
+
+async def test_expired_idle_connections_are_dropped_when_one_is_returned(serve: Start) -> None:
+    """Returning a connection drops the idle ones of its origin that are past their time."""
+    gate = asyncio.Event()
+
+    async def held(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await server.read_request(reader)) is not None:
+            if request.endswith(b"hold"):
+                await gate.wait()
+            writer.write(JSON_OK)
+            await writer.drain()
+
+    server = await serve(held)
+    clock = FakeClock()
+    pool = ConnectionPool(keepalive_timeout=4.0, clock=clock.monotonic)
+    holding = asyncio.create_task(call(pool, server.origin(), body=b"hold"))
+    await eventually(lambda: len(server.requests) == 1)
+    await call(pool, server.origin())  # a second connection, idle from now on
+    assert pool.connection_counts() == (2, 1)
+    clock.advance(5)
+    gate.set()
+    await holding  # the first one comes back, and the expired one is dropped
+    assert pool.connection_counts() == (1, 1)
     assert server.connections == 2
 
 
@@ -211,13 +260,14 @@ async def test_closed_before_answering_is_connect_error(serve: Start) -> None:
 async def test_headers_timeout(serve: Start) -> None:
     async def silent(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
-        await asyncio.sleep(5)
+        await until_closed(reader)
 
     server = await serve(silent)
     pool = ConnectionPool()
     with pytest.raises(TimeoutError, match="headers_timeout"):
-        await call(pool, server.origin(), headers_timeout=0.2)
+        await call(pool, server.origin(), headers_timeout=0.05)
     assert pool.open_connections == 0
+    await server.closed.wait()  # the timed-out connection was closed
 
 
 async def test_headers_timeout_bounds_the_whole_wait(serve: Start) -> None:
@@ -225,25 +275,27 @@ async def test_headers_timeout_bounds_the_whole_wait(serve: Start) -> None:
 
     async def trickle(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
-        for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 100:
+        for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 1000:
             writer.write(bytes([byte]))
             await writer.drain()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)  # the upstream's pace: well within read_timeout per byte
 
     server = await serve(trickle)
     pool = ConnectionPool()
     started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError, match="headers_timeout"):
-        await call(pool, server.origin(), headers_timeout=0.3, read_timeout=0.2)
+        await call(pool, server.origin(), headers_timeout=0.15, read_timeout=0.1)
     assert asyncio.get_running_loop().time() - started < 1.0
 
 
 async def test_reset_during_a_close_delimited_body_is_an_error(serve: Start) -> None:
+    first_read = asyncio.Event()
+
     async def reset(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nsome of it")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await first_read.wait()  # (a reset can discard what the client has not read yet)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
         writer.transport.abort()
@@ -252,6 +304,7 @@ async def test_reset_during_a_close_delimited_body_is_an_error(serve: Start) -> 
     pool = ConnectionPool()
     response = await pool.request(server.origin(), "GET", b"/", [], b"", **TIMEOUTS)
     assert await response.read() == b"some of it"
+    first_read.set()
     with pytest.raises(UpstreamReadError, match="mid-response"):
         await response.read()
     response.close()
@@ -263,7 +316,7 @@ async def test_read_timeout_and_death_mid_body(serve: Start) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart")
         await writer.drain()
-        await asyncio.sleep(5)
+        await until_closed(reader)
 
     async def dies(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
@@ -274,7 +327,7 @@ async def test_read_timeout_and_death_mid_body(serve: Start) -> None:
     for handler, error, match in ((stalls, TimeoutError, "read_timeout"), (dies, UpstreamReadError, "mid")):
         server = await serve(handler)
         response = await pool.request(
-            server.origin(), "GET", b"/", [], b"", **{**TIMEOUTS, "read_timeout": 0.2}
+            server.origin(), "GET", b"/", [], b"", **{**TIMEOUTS, "read_timeout": 0.05}
         )
         assert await response.read() == b"part"
         with pytest.raises(error, match=match):
@@ -339,9 +392,13 @@ async def test_line_breaks_in_headers_are_refused_before_sending(serve: Start) -
 
 
 async def test_pool_limit_bounds_open_connections(serve: Start) -> None:
+    both_in = asyncio.Event()
+
     async def slow(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await server.read_request(reader) is not None:
-            await asyncio.sleep(0.05)
+            if len(server.requests) >= 2:
+                both_in.set()
+            await both_in.wait()  # nothing is answered before two requests are in flight at once
             writer.write(JSON_OK)
             await writer.drain()
 
@@ -369,16 +426,20 @@ async def test_slow_reader_pauses_the_upstream(serve: Start) -> None:
     server = await serve(big)
     pool = ConnectionPool()
     response = await pool.request(server.origin(), "GET", b"/", [], b"", **TIMEOUTS)
+    conn = response._conn
     received = bytearray()
-    largest = 0
+    largest = pauses = 0
     while True:
-        await asyncio.sleep(0.01)  # a slow client
+        # A slow client: it reads only once the connection has stopped reading (or the body is all in).
+        await eventually(lambda: conn.paused or conn.complete)
+        pauses += conn.paused
         chunk = await response.read()
         if not chunk:
             break
         largest = max(largest, len(chunk))
         received += chunk
     response.release()
+    assert pauses >= 1
     assert len(received) == size
     assert (
         received[:4096] == bytes([0]) * 4096 and received[-4096:] == bytes([(size // 4096 - 1) % 251]) * 4096

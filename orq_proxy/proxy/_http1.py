@@ -22,6 +22,9 @@ never written to a dying connection. Requests are not retried: a POST cannot saf
 Errors: `UpstreamConnectError` (refused, reset, DNS, TLS, or the connection died before the headers),
 `TimeoutError` (connect, headers or a read took too long), `UpstreamReadError` (the connection failed
 or the response was malformed after the headers).
+
+Private to `orq_proxy.proxy`: `UpstreamApp` uses the pool through its `Forwarder` protocol, and `upstream.py`
+re-exports what the rest of the package needs (`Origin`, `origin_of`, the two errors).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -154,7 +158,7 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # Not HTTP/1.1 as we speak it (a TLS port spoken to in clear, another protocol, an upgrade).
-            message = f"malformed response from upstream: {exc or type(exc).__name__}"
+            message = f"malformed response from upstream: {str(exc) or type(exc).__name__}"
             self._fail(UpstreamReadError(message) if self.headers_done else UpstreamConnectError(message))
             return
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -335,16 +339,24 @@ class ConnectionPool:
         limit: most connections open at once, over all origins; a request waits for a free one.
         keepalive_timeout: seconds an idle connection may be reused for.
         ssl_context: for https origins (default: the system's trust store, hostname checked).
+        clock: monotonic seconds, for how long a connection has been idle (tests pass a fake one). The
+            timeouts of an exchange are the event loop's timers and follow the loop's own clock.
     """
 
     def __init__(
-        self, *, limit: int = 1000, keepalive_timeout: float = 4.0, ssl_context: ssl.SSLContext | None = None
+        self,
+        *,
+        limit: int = 1000,
+        keepalive_timeout: float = 4.0,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self.keepalive_timeout = keepalive_timeout
         self._ssl_context = ssl_context
+        self._clock = clock
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -362,6 +374,10 @@ class ConnectionPool:
 
     def idle_connections(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
+
+    def connection_counts(self) -> tuple[int, int]:
+        """(open, idle in the pool): the `Forwarder`'s figures for `/metrics`."""
+        return self._open, self.idle_connections()
 
     async def request(
         self,
@@ -418,6 +434,7 @@ class ConnectionPool:
                 conn.transport.write(body)
             if not conn.headers_done:
                 # `headers_timeout` bounds the whole wait for the headers, `read_timeout` each wait for data.
+                # The deadline is on the loop's clock, not `self._clock`: it sizes the loop's timers.
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + headers_timeout
                 while not conn.headers_done:
@@ -438,7 +455,7 @@ class ConnectionPool:
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         if idle:
-            expired_before = time.monotonic() - self.keepalive_timeout
+            expired_before = self._clock() - self.keepalive_timeout
             while idle:
                 conn = idle.pop()  # the most recently used: the least likely to be closing
                 if not conn.closed and conn.idle_since > expired_before:
@@ -512,7 +529,7 @@ class ConnectionPool:
         if self._closed:
             self._discard(conn)
             return
-        now = time.monotonic()
+        now = self._clock()
         conn.idle_since = now
         idle = self._idle.setdefault(conn.key, [])
         # The oldest idle connections are at the front: drop those past their time while we are here.
