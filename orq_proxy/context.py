@@ -60,8 +60,8 @@ class RequestContext:
         model_ref: the model as the client named it (`openai/gpt-4o`).
         product: which API this is (`chat.completions`, `responses`, `embeddings`, `completions`, ...).
         stream: the client asked for a stream.
-        orq: the `orq` extension object removed from the body (None if absent).
-        body_identity: the top-level `identity` object removed from the body (None if absent).
+        orq: the `orq` extension object removed from the body (None if absent); each slice reads its own
+            keys from it.
         identity: who the request is attributed to (set by the identity layer; None = unattributed).
         metadata: request metadata (string map) for CEL matching and events.
         settle_hooks: called once, synchronously, with the final UsageEvent; must not raise or block.
@@ -87,7 +87,6 @@ class RequestContext:
     product: str = "other"
     stream: bool = False
     orq: dict[str, Any] | None = None
-    body_identity: Any = None
     identity: ResolvedIdentity | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     settle_hooks: list[Callable[[UsageEvent], None]] = field(default_factory=list)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,6 +43,7 @@ from orq_proxy.identities.models import (
     SortBy,
     identity_to_wire,
 )
+from orq_proxy.identities.rules import IdentityRuleError
 from orq_proxy.identities.store import IdentityStore
 from orq_proxy.management import admin_principal, json_ok, orq_endpoint, read_json_object
 
@@ -52,6 +53,8 @@ _SORT_VALUES = (SORT_DISPLAY_NAME, SORT_UPDATED)
 _CURSOR_MAX = 255
 _LIMIT = re.compile(r"[0-9]{1,6}")
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+_P = TypeVar("_P", IdentityCreate, IdentityUpdate)
 
 
 class IdentityBudgetHooks(Protocol):
@@ -99,6 +102,15 @@ def _cursor_param(request: Request, name: str) -> str | None:
     if len(value) > _CURSOR_MAX:
         raise OrqAPIError(400, f"{name}: must be an identity _id (at most {_CURSOR_MAX} characters)")
     return value
+
+
+def _payload(model: type[_P], data: dict[str, Any]) -> _P:
+    """The validated body; a field that breaks an identity rule is a 400 saying `<field>: <rule>`, the
+    same words a proxied call's body identity gets (`rules`)."""
+    try:
+        return model.model_validate(data)
+    except IdentityRuleError as exc:
+        raise OrqAPIError(400, str(exc)) from exc
 
 
 def _list_query(request: Request) -> IdentityQuery:
@@ -178,7 +190,7 @@ class _IdentitiesAPI:
     async def collection(self, request: Request) -> Response:
         principal = admin_principal(self.keyring, request)
         if request.method == "POST":
-            payload = IdentityCreate.model_validate(await read_json_object(request))
+            payload = _payload(IdentityCreate, await read_json_object(request))
             try:
                 record = await self.store.create(principal.workspace, payload.external_id, payload.fields())
             except IdentityExistsError as exc:
@@ -209,7 +221,7 @@ class _IdentitiesAPI:
             )
             return json_ok({"identity": wire})
         if request.method == "PATCH":
-            payload = IdentityUpdate.model_validate(await read_json_object(request, allow_empty=True))
+            payload = _payload(IdentityUpdate, await read_json_object(request, allow_empty=True))
             record = await self._existing(workspace, ref)
             updated = await self.store.update(workspace, record.id, payload.fields())
             if updated is None:  # deleted between the two calls

@@ -7,8 +7,10 @@ Sources, first match wins (spec §5.1):
 3. the API key's `owner`: tags only.
 No source: the request stays unattributed and is still proxied and metered.
 
-The request layer has already taken `orq` and `identity` out of the body (`ctx.orq`, `ctx.body_identity`),
-so neither reaches the upstream. The result goes to `ctx.identity` for the budget and metering layers.
+Neither identity object reaches the upstream: the request layer has already taken orq's whole `orq`
+extension object out of the body (`ctx.orq`), and this layer takes a top-level `identity` out of
+`ctx.body` (setting `ctx.body_changed`). The fields are checked by the same rules as the management API's
+(`identities/rules.py`). The result goes to `ctx.identity` for the budget and metering layers.
 
 Failure policy: fails closed. An invalid identity is a 400 in OpenAI's shape naming the field and the
 limit; a store error propagates (the request layer answers 500).
@@ -16,7 +18,6 @@ limit; a store error propagates (the request layer answers 500).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -24,18 +25,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orq_proxy.auth import OPEN_PRINCIPAL
 from orq_proxy.context import IdentitySource, RequestContext, ResolvedIdentity, get_context
 from orq_proxy.errors import openai_error
-from orq_proxy.identities.models import (
-    DISPLAY_NAME_MAX,
-    EMAIL_MAX,
-    EXTERNAL_ID_MAX,
-    METADATA_MAX_KEYS,
-    TAG_MAX_CHARS,
-    TAGS_MAX,
-    URL_MAX,
-    IdentityFields,
-    is_valid_email,
-    normalize_fields,
-    text_problem,
+from orq_proxy.identities.models import IdentityFields, normalize_fields
+from orq_proxy.identities.rules import (
+    IdentityRuleError,
+    check_display_name,
+    check_email,
+    check_external_id,
+    check_metadata_objects,
+    check_tags,
+    check_url,
 )
 from orq_proxy.identities.store import IdentityStore
 
@@ -43,56 +41,18 @@ __all__ = ["IDENTITY_HEADER", "IdentityMiddleware", "InvalidIdentityError", "par
 
 IDENTITY_HEADER = b"x-orq-identity-id"
 _CONTACT_HEADER = b"x-orq-contact-id"  # what orq's SDK renames a legacy `contactid` header to
+_HEADER_PARAM = "X-ORQ-IDENTITY-ID"
+# The `orq` keys that carry an identity, first match wins, with their paths for error messages.
+_ORQ_KEYS = (("identity", "orq.identity"), ("contact", "orq.contact"))
 
 
 class InvalidIdentityError(ValueError):
-    """A body identity or identity header that breaks a rule; `param` names the field."""
+    """A body identity or identity header that breaks a rule; `param` names the field, `rule` the rule."""
 
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
+    def __init__(self, param: str, rule: str) -> None:
+        super().__init__(f"{param}: {rule}")
         self.param = param
-
-
-def _text(value: Any, param: str, max_chars: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidIdentityError(param, "must be a string")
-    problem = text_problem(value, max_chars)
-    if problem is not None:
-        raise InvalidIdentityError(param, problem)
-    return value
-
-
-def _metadata(value: Any, param: str) -> dict[str, Any] | None:
-    """orq sends metadata as a list of objects (`[{"plan": "pro"}]`); its docs also show a plain object."""
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        merged = dict(value)
-    elif isinstance(value, list):
-        merged = {}
-        for i, item in enumerate(value):
-            if not isinstance(item, Mapping):
-                raise InvalidIdentityError(f"{param}[{i}]", "must be an object")
-            merged.update(item)
-    else:
-        raise InvalidIdentityError(param, "must be an object or a list of objects")
-    if len(merged) > METADATA_MAX_KEYS:
-        raise InvalidIdentityError(param, f"at most {METADATA_MAX_KEYS} keys are allowed, got {len(merged)}")
-    return merged
-
-
-def _tags(value: Any, param: str) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise InvalidIdentityError(param, "must be a list of strings")
-    if len(value) > TAGS_MAX:
-        raise InvalidIdentityError(param, f"at most {TAGS_MAX} tags are allowed, got {len(value)}")
-    for i, tag in enumerate(value):
-        if not isinstance(tag, str) or not tag:
-            raise InvalidIdentityError(f"{param}[{i}]", "must be a non-empty string")
-        _text(tag, f"{param}[{i}]", TAG_MAX_CHARS)
-    return value
+        self.rule = rule
 
 
 def parse_body_identity(raw: Any, where: str) -> tuple[str, IdentityFields]:
@@ -103,31 +63,30 @@ def parse_body_identity(raw: Any, where: str) -> tuple[str, IdentityFields]:
         where: its path in the body, for error messages (`orq.identity`).
 
     Raises:
-        InvalidIdentityError: naming the field and the rule.
+        InvalidIdentityError: naming the field's path in the body (`orq.identity.tags[1]`) and the rule.
     """
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):  # a parsed JSON object (cheaper to test than the `Mapping` ABC)
         raise InvalidIdentityError(where, "must be an object with an `id`")
-    if "id" not in raw or raw["id"] is None:
-        raise InvalidIdentityError(f"{where}.id", "is required")
-    external_id = _text(raw["id"], f"{where}.id", EXTERNAL_ID_MAX)
-    if not external_id.strip():
-        raise InvalidIdentityError(f"{where}.id", f"must be 1 to {EXTERNAL_ID_MAX} characters and not blank")
-    given: dict[str, Any] = {}
-    if raw.get("display_name") is not None:
-        given["display_name"] = _text(raw["display_name"], f"{where}.display_name", DISPLAY_NAME_MAX)
-    if raw.get("email") is not None:
-        email = _text(raw["email"], f"{where}.email", EMAIL_MAX)
-        if email and not is_valid_email(email):
-            raise InvalidIdentityError(f"{where}.email", "must be an email address like name@example.com")
-        given["email"] = email
-    if raw.get("logo_url") is not None:
-        given["avatar_url"] = _text(raw["logo_url"], f"{where}.logo_url", URL_MAX)
-    metadata = _metadata(raw.get("metadata"), f"{where}.metadata")
-    if metadata is not None:
-        given["metadata"] = metadata
-    tags = _tags(raw.get("tags"), f"{where}.tags")
-    if tags is not None:
-        given["tags"] = tags
+    try:
+        external_id = check_external_id(raw.get("id"), "id")
+        given: dict[str, Any] = {}
+        value = raw.get("display_name")
+        if value is not None:
+            given["display_name"] = check_display_name(value, "display_name")
+        value = raw.get("email")
+        if value is not None:
+            given["email"] = check_email(value, "email")
+        value = raw.get("logo_url")
+        if value is not None:
+            given["avatar_url"] = check_url(value, "logo_url")
+        value = raw.get("metadata")
+        if value is not None:
+            given["metadata"] = check_metadata_objects(value, "metadata")
+        value = raw.get("tags")
+        if value is not None:
+            given["tags"] = check_tags(value, "tags")
+    except IdentityRuleError as exc:
+        raise InvalidIdentityError(f"{where}.{exc.field}", exc.rule) from exc
     return external_id, normalize_fields(given)
 
 
@@ -172,23 +131,27 @@ class IdentityMiddleware:
         workspace = principal.workspace
         raw: Any = None
         where = "identity"
-        if ctx.orq:
-            for key in ("identity", "contact"):
-                if ctx.orq.get(key) is not None:
-                    raw, where = ctx.orq[key], f"orq.{key}"
+        body = ctx.body
+        if body is not None and "identity" in body:
+            # Taken out whichever source wins: it is orq's, never the upstream's.
+            raw = body.pop("identity")
+            ctx.body_changed = True
+        orq = ctx.orq
+        if orq:
+            for key, path in _ORQ_KEYS:
+                if orq.get(key) is not None:
+                    raw, where = orq[key], path
                     break
-        if raw is None:
-            raw = ctx.body_identity
         if raw is not None:
             external_id, fields = parse_body_identity(raw, where)
             record = await self.store.upsert(workspace, external_id, fields)
             return ResolvedIdentity(external_id, "body", record.id, list(record.tags))
         header = _header(scope, IDENTITY_HEADER) or _header(scope, _CONTACT_HEADER)
         if header is not None:
-            if len(header) > EXTERNAL_ID_MAX:
-                raise InvalidIdentityError(
-                    "X-ORQ-IDENTITY-ID", f"must be at most {EXTERNAL_ID_MAX} characters, got {len(header)}"
-                )
+            try:
+                check_external_id(header, _HEADER_PARAM)
+            except IdentityRuleError as exc:
+                raise InvalidIdentityError(exc.field, exc.rule) from exc
             return await self._tag(workspace, header, "header")
         if principal.owner:
             return await self._tag(workspace, principal.owner, "owner")

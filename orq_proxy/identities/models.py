@@ -8,13 +8,29 @@ omit absent fields instead of sending null (spec §0 "Nulls").
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The field limits are defined with their rules; re-exported here, where the slice's other limits are.
+from orq_proxy.identities.rules import (
+    DISPLAY_NAME_MAX,
+    EMAIL_MAX,
+    EXTERNAL_ID_MAX,
+    METADATA_MAX_KEYS,
+    TAG_MAX_CHARS,
+    TAGS_MAX,
+    URL_MAX,
+    check_display_name,
+    check_email,
+    check_external_id,
+    check_metadata,
+    check_tags,
+    check_url,
+)
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -41,22 +57,13 @@ __all__ = [
     "SortBy",
     "apply_fields",
     "identity_to_wire",
-    "is_valid_email",
     "make_search_text",
     "name_sort_key",
     "new_identity",
     "normalize_fields",
     "search_needle",
-    "text_problem",
 ]
 
-EXTERNAL_ID_MAX: Final = 255
-DISPLAY_NAME_MAX: Final = 255
-EMAIL_MAX: Final = 254
-URL_MAX: Final = 2048
-TAG_MAX_CHARS: Final = 100
-TAGS_MAX: Final = 10
-METADATA_MAX_KEYS: Final = 20
 SEARCH_MIN: Final = 2
 SEARCH_MAX: Final = 255
 DEFAULT_LIMIT: Final = 10
@@ -66,9 +73,6 @@ SORT_DISPLAY_NAME: Final = "IDENTITY_SORT_FIELD_DISPLAY_NAME"
 SORT_UPDATED: Final = "IDENTITY_SORT_FIELD_UPDATED"
 SortBy = Literal["IDENTITY_SORT_FIELD_DISPLAY_NAME", "IDENTITY_SORT_FIELD_UPDATED"]
 
-# Basic shape only (orq documents "basic format validation"): something@something, no spaces. orq's own
-# examples use addresses such as `a@x`, so a dot in the domain is not required.
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 # Sorts after every real display name: identities without one come last in a name-ordered list.
 _NO_NAME: Final = "\U0010ffff"
 _SEARCH_SEPARATOR: Final = "\x00"
@@ -170,10 +174,6 @@ def search_needle(search: str) -> str | None:
     """The casefolded needle, or None when it can never match (it would span two fields)."""
     needle = search.casefold()
     return None if _SEARCH_SEPARATOR in needle else needle
-
-
-def is_valid_email(value: str) -> bool:
-    return len(value) <= EMAIL_MAX and _EMAIL.fullmatch(value) is not None
 
 
 def _interned_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -285,49 +285,10 @@ def identity_to_wire(
 
 
 # ---- management API payloads (pydantic at the boundary) --------------------------------------------
-
-
-def text_problem(value: str, max_chars: int) -> str | None:
-    """What is wrong with a text field (too long, or not storable as UTF-8), or None."""
-    if len(value) > max_chars:
-        return f"must be at most {max_chars} characters, got {len(value)}"
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "must be valid Unicode text (no lone surrogates)"
-    return None
-
-
-def _check_text(value: str, field: str, max_chars: int) -> str:
-    problem = text_problem(value, max_chars)
-    if problem is not None:
-        raise ValueError(f"{field} {problem}")
-    return value
-
-
-def _check_tags(tags: list[str] | None) -> list[str] | None:
-    if tags is None:
-        return None
-    if len(tags) > TAGS_MAX:
-        raise ValueError(f"at most {TAGS_MAX} tags are allowed, got {len(tags)}")
-    for tag in tags:
-        if not tag:
-            raise ValueError("tags must be non-empty strings")
-        _check_text(tag, "each tag", TAG_MAX_CHARS)
-    return tags
-
-
-def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-    if metadata is not None and len(metadata) > METADATA_MAX_KEYS:
-        raise ValueError(f"at most {METADATA_MAX_KEYS} keys are allowed, got {len(metadata)}")
-    return metadata
-
-
-def _check_email(email: str | None) -> str | None:
-    if email and not is_valid_email(email):
-        raise ValueError("must be an email address like name@example.com")
-    return email
+# Each field's rule is the one in `rules` that proxied calls use too. The validators run before pydantic's
+# own type check (`mode="before"`), so a wrong type gets the rule's words as well; a broken rule raises
+# `IdentityRuleError`, which passes through pydantic untouched and `api.py` answers 400 naming
+# `<field>: <rule>`. Null stays "not given" (`fields()` drops it), so it skips the rule.
 
 
 class _Payload(BaseModel):
@@ -339,30 +300,30 @@ class _Payload(BaseModel):
     tags: list[str] | None = None
     metadata: dict[str, Any] | None = None
 
-    @field_validator("display_name")
+    @field_validator("display_name", mode="before")
     @classmethod
-    def _display_name(cls, value: str | None) -> str | None:
-        return None if value is None else _check_text(value, "display_name", DISPLAY_NAME_MAX)
+    def _display_name(cls, value: Any) -> Any:
+        return None if value is None else check_display_name(value, "display_name")
 
-    @field_validator("email")
+    @field_validator("email", mode="before")
     @classmethod
-    def _email(cls, value: str | None) -> str | None:
-        return _check_email(None if value is None else _check_text(value, "email", EMAIL_MAX))
+    def _email(cls, value: Any) -> Any:
+        return None if value is None else check_email(value, "email")
 
-    @field_validator("avatar_url")
+    @field_validator("avatar_url", mode="before")
     @classmethod
-    def _avatar_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_text(value, "avatar_url", URL_MAX)
+    def _avatar_url(cls, value: Any) -> Any:
+        return None if value is None else check_url(value, "avatar_url")
 
-    @field_validator("tags")
+    @field_validator("tags", mode="before")
     @classmethod
-    def _tags(cls, value: list[str] | None) -> list[str] | None:
-        return _check_tags(value)
+    def _tags(cls, value: Any) -> Any:
+        return None if value is None else check_tags(value, "tags")
 
-    @field_validator("metadata")
+    @field_validator("metadata", mode="before")
     @classmethod
-    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _check_metadata(value)
+    def _metadata(cls, value: Any) -> Any:
+        return None if value is None else check_metadata(value, "metadata")
 
     def fields(self) -> IdentityFields:
         """The fields the caller sent (explicit nulls count as "not given"), normalized."""
@@ -373,14 +334,16 @@ class _Payload(BaseModel):
 class IdentityCreate(_Payload):
     """`POST /v2/identities` body."""
 
-    external_id: str = Field(min_length=1)
+    external_id: str = Field(min_length=1)  # (min_length for the OpenAPI schema; the rule runs first)
 
-    @field_validator("external_id")
+    @model_validator(mode="before")
     @classmethod
-    def _external_id(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return _check_text(value, "external_id", EXTERNAL_ID_MAX)
+    def _external_id(cls, data: Any) -> Any:
+        # A model validator, not a field one: it also sees a missing id ("is required"), and it runs
+        # before the other fields, so the id is reported first, as on proxied calls.
+        if isinstance(data, dict):
+            check_external_id(data.get("external_id"), "external_id")
+        return data
 
 
 class IdentityUpdate(_Payload):

@@ -32,11 +32,13 @@ class Inner:
     def __init__(self) -> None:
         self.seen: list[ResolvedIdentity | None] = []
         self.bodies: list[Any] = []
+        self.changed: list[bool] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = get_context(scope)
         self.seen.append(ctx.identity)
         self.bodies.append(ctx.body)
+        self.changed.append(ctx.body_changed)
         await send(
             {
                 "type": "http.response.start",
@@ -142,6 +144,28 @@ async def test_other_body_locations(stack: Stack, path: str, body: dict[str, Any
     assert stack.last is not None
     assert (stack.last.external_id, stack.last.source, stack.last.tags) == ("top", "body", ["t"])
     assert await stack.store.get_by_external_id("ws_a", "top") is not None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"identity": {"id": "top"}},
+        {"identity": None},
+        {"identity": {"id": "loses"}, "orq": {"identity": {"id": "wins"}}},
+    ],
+)
+async def test_top_level_identity_is_taken_out_here(stack: Stack, extra: dict[str, Any]) -> None:
+    """This layer, not the request layer, takes a top-level `identity` out of the body (also a null one,
+    also when `orq.identity` wins) and marks the body changed, so the upstream never sees it."""
+    alone = Inner()
+    request_layer = RequestMiddleware(alone, clock=stack.clock)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=request_layer), base_url="http://p") as c:
+        await c.post("/v1/chat/completions", json={"model": "gpt-4o", **extra})
+    assert "identity" in alone.bodies[0]  # the request layer leaves it
+    resp = await stack.call(extra)
+    assert resp.status_code == 200
+    assert "identity" not in stack.inner.bodies[-1] and "orq" not in stack.inner.bodies[-1]
+    assert stack.inner.changed[-1] is True
 
 
 async def test_header_tags_only(stack: Stack) -> None:
