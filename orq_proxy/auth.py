@@ -14,10 +14,19 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orq_proxy.config import ProxyConfig
 from orq_proxy.context import get_context
 from orq_proxy.errors import openai_error
 
-__all__ = ["OPEN_PRINCIPAL", "AuthMiddleware", "KeyRing", "Principal", "bearer_token", "hash_key"]
+__all__ = [
+    "OPEN_PRINCIPAL",
+    "AuthMiddleware",
+    "KeyRing",
+    "Principal",
+    "bearer_token",
+    "hash_key",
+    "keyring_from_config",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +132,20 @@ class AuthMiddleware:
             return
         get_context(scope).principal = principal
         await self.app(scope, receive, send)
+
+
+def keyring_from_config(config: ProxyConfig) -> KeyRing:
+    """The proxy keys of `[[api_keys]]` as a `KeyRing` (digests only; plain keys are hashed here)."""
+    entries = []
+    for entry in config.api_keys:
+        digest = (entry.key_sha256 or hash_key(entry.key or "")).lower()
+        key_id = entry.id or f"key_{digest[:12]}"
+        principal = Principal(
+            workspace=entry.workspace,
+            project=entry.project,
+            key_id=key_id,
+            owner=entry.owner,
+            admin=entry.admin,
+        )
+        entries.append((digest, principal))
+    return KeyRing(entries)

@@ -21,11 +21,13 @@ from orq_proxy.usage.money import nanos_to_usd
 
 __all__ = [
     "ADMIN_KEY",
+    "DEMO_CLIENTS",
     "STEPS",
     "UPSTREAM_KEY",
     "USER_KEY",
     "DemoRun",
     "demo_config",
+    "missing_clients",
     "run_demo",
     "step_budget",
     "step_chat",
@@ -116,7 +118,7 @@ def step_unknown_provider(run: DemoRun) -> None:
 
 def step_metering(run: DemoRun) -> None:
     """What metering recorded: the usage events in the event store (flushed within ~0.1 s), summed."""
-    store = run.proxy.event_store
+    store = run.proxy.services.event_store
     deadline = time.monotonic() + 2.0
     while store.count() < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -257,8 +259,32 @@ STEPS: list[Callable[[DemoRun], None]] = [
 ]
 
 
+# The demo drives the proxy through the official clients, which a plain install does not include.
+DEMO_CLIENTS = ("openai", "orq_ai_sdk")
+
+
+def missing_clients() -> list[str]:
+    """The demo's client packages that cannot be imported."""
+    import importlib
+
+    missing = []
+    for name in DEMO_CLIENTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def run_demo(out: Callable[[str], None] = print) -> int:
-    """Run every step of the demo; 0 when all of them ran."""
+    """Run every step of the demo; 0 when all of them ran, 2 when its clients are not installed."""
+    missing = missing_clients()
+    if missing:
+        out(
+            f"orq-proxy demo drives the proxy with the official clients ({', '.join(missing)} not installed): "
+            "pip install 'orq-proxy[demo]'"
+        )
+        return 2
     fake = build_fake_upstream(api_key=UPSTREAM_KEY)
     with contextlib.ExitStack() as stack:
         upstream: ServerThread = stack.enter_context(serve_in_thread(fake))

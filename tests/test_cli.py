@@ -146,3 +146,11 @@ def test_serve_refuses_open_mode_on_public_address() -> None:
         timeout=30,
     )
     assert proc.returncode == 2 and b"loopback" in proc.stderr
+
+
+def test_demo_without_its_clients_names_the_extra() -> None:
+    """On a plain install (no openai SDK), `orq-proxy demo` says which extra to install, exit status 2."""
+    code = "import sys; sys.modules['openai'] = None; from orq_proxy.cli import main; raise SystemExit(main(['demo']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pip install 'orq-proxy[demo]'" in proc.stdout and "openai" in proc.stdout

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orq_proxy.app import keyring_from_config
-from orq_proxy.auth import hash_key
+from orq_proxy.auth import hash_key, keyring_from_config
 from orq_proxy.config import ConfigError, ProxyConfig, load_config
 
 TOML = f"""

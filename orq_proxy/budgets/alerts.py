@@ -5,7 +5,7 @@ counts it as dropped when the queue is full). A background task, started on firs
 delivers each notification to every notifier of the alert, retrying with exponential backoff; failures are
 logged and counted, never raised. Alerts fail open: they never slow down or fail a request.
 
-httpx is used here (not the upstream client's lean connection pool, `proxy/http1.py`) on purpose: alert
+httpx is used here (not the upstream client's lean connection pool, `proxy/_http1.py`) on purpose: alert
 traffic is tiny, at most one POST per alert per period, so httpx (redirects, proxies, TLS, a real request
 model) is plenty and keeps this module simple.
 """

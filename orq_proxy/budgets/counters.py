@@ -155,6 +155,10 @@ class Counters(Protocol):
         """Drop every counter of a deleted budget."""
         ...
 
+    async def aclose(self) -> None:
+        """Release connections (a remote backend); the lifespan calls it after the gate's settlements."""
+        ...
+
 
 @dataclass(slots=True)
 class _State:
@@ -364,6 +368,9 @@ class InMemoryCounters:
 
     async def forget(self, budget_id: str) -> None:
         self._states.pop(budget_id, None)
+
+    async def aclose(self) -> None:
+        return None  # nothing held
 
     def restore(
         self,

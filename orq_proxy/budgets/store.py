@@ -111,6 +111,10 @@ class BudgetStore(Protocol):
         """Every budget of every workspace (startup: rebuilding counters)."""
         ...
 
+    async def aclose(self) -> None:
+        """Release what the store holds (a database connection); the lifespan calls it at shutdown."""
+        ...
+
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
@@ -207,6 +211,9 @@ class InMemoryBudgetStore:
 
     async def all_budgets(self) -> list[Budget]:
         return list(self._by_id.values())
+
+    async def aclose(self) -> None:
+        return None  # nothing held
 
     def _workspace_budgets(self, workspace: str) -> list[Budget]:
         return [self._by_id[i] for i in self._workspace_ids.get(workspace, ())]
@@ -347,7 +354,7 @@ class SqliteBudgetStore(InMemoryBudgetStore):
             self._conn.execute("DELETE FROM budgets WHERE budget_id = ?", (budget_id,))
         return budget
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self._conn.close()
 
 

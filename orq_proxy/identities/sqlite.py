@@ -412,7 +412,7 @@ class SqliteIdentityStore:
 
         return await self._run(count)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._closed:
             return
         await self._run(self._close_sync)

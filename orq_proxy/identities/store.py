@@ -93,7 +93,7 @@ class IdentityStore(Protocol):
         """One cursor page; raises `InvalidCursorError` for a cursor that has no place in the order."""
         ...
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Release resources (connections, threads)."""
         ...
 
@@ -404,7 +404,7 @@ class InMemoryIdentityStore:
             return IdentityPage(data=[], has_more=False)
         return _page(ws, query)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         return None
 
 

@@ -154,7 +154,7 @@ def test_alert_fires_once_through_the_proxy(
     assert len(hooks.received) == 1
     note = hooks.received[0]
     assert note["notifier_id"] == "ops" and note["used"] == 0.066 and note["threshold_percent"] == 50
-    assert app.components["budget_alerts"].sent == 1
+    assert app.services.budget_alerts.sent == 1
 
 
 async def test_start_and_restart(make_budget: MakeBudget) -> None:

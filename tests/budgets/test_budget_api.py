@@ -280,8 +280,8 @@ def test_delete_returns_empty_object_and_clears_counters(
     """DELETE answers `{}`; the budget and its counters are gone."""
     app, server = proxy
     budget_id = orq.budgets.create(scope={"workspace": {}}, limits={"amount": 5.0}).budget.budget_id
-    counters: InMemoryCounters = app.components["budget_counters"]
-    store: InMemoryBudgetStore = app.components["budget_store"]
+    counters: InMemoryCounters = app.services.budget_counters
+    store: InMemoryBudgetStore = app.services.budget_store
     budget = asyncio.run(store.get("ws_a", budget_id))
     assert budget is not None
     reservation = asyncio.run(counters.reserve("ws_a", [budget], USD, 10, START))
@@ -301,8 +301,8 @@ def test_usage_and_reset_consumption(proxy: tuple[OrqProxy, ServerThread], orq: 
     """get/list show current-period usage; reset-consumption zeroes it and returns the budget."""
     app, _server = proxy
     budget_id = orq.budgets.create(scope={"workspace": {}}, limits={"amount": 5.0}).budget.budget_id
-    counters: InMemoryCounters = app.components["budget_counters"]
-    budget = asyncio.run(app.components["budget_store"].get("ws_a", budget_id))
+    counters: InMemoryCounters = app.services.budget_counters
+    budget = asyncio.run(app.services.budget_store.get("ws_a", budget_id))
 
     async def spend() -> None:
         reservation = await counters.reserve("ws_a", [budget], 2 * USD, 100, START)

@@ -50,7 +50,7 @@ class Gate:
 
     def __init__(self, app: OrqProxy, server: ServerThread, sink: MemorySink) -> None:
         self.app, self.server, self.sink = app, server, sink
-        self.counters: InMemoryCounters = app.components["budget_counters"]
+        self.counters: InMemoryCounters = app.services.budget_counters
         self.client = openai.OpenAI(base_url=server.url + "/v1", api_key=USER, max_retries=0, timeout=10)
 
     def budget(self, body: dict[str, Any]) -> str:
@@ -376,9 +376,9 @@ def test_redis_counters_through_the_proxy(redis_gate: Gate) -> None:
 def test_storage_counters_setting(proxy_factory: Any, fake: FakeUpstream, redis_url: str) -> None:
     """`[storage] counters` picks the backend; anything else is a config error naming the key."""
     app, _ = proxy_factory({"storage": {"counters": REDIS_URL}})
-    assert isinstance(app.components["budget_counters"], RedisCounters)
+    assert isinstance(app.services.budget_counters, RedisCounters)
     app, _ = proxy_factory({})
-    assert isinstance(app.components["budget_counters"], InMemoryCounters)
+    assert isinstance(app.services.budget_counters, InMemoryCounters)
     with pytest.raises(ValidationError, match="counters must be 'memory' or a redis:// URL"):
         ProxyConfig.model_validate({"storage": {"counters": "postgres://x"}})
 

@@ -165,7 +165,7 @@ async def test_sqlite_store_survives_reopen(make_budget: MakeBudget, tmp_path: P
         await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
     changed = await store.replace(replace(custom, is_active=False, updated_at=T0 + timedelta(hours=1)))
     await store.delete("default", gone.budget_id)
-    await store.close()
+    await store.aclose()
 
     reopened = SqliteBudgetStore(path)
     assert await reopened.get("default", full.budget_id) == full
@@ -174,7 +174,7 @@ async def test_sqlite_store_survives_reopen(make_budget: MakeBudget, tmp_path: P
     assert await reopened.matching(RequestFacts(workspace="default", identity="u1"), T0) == [full]
     with pytest.raises(BudgetConflict):  # uniqueness is rebuilt too
         await reopened.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
-    await reopened.close()
+    await reopened.aclose()
 
 
 def test_store_from_url(tmp_path: Path) -> None:

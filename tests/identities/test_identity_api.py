@@ -225,7 +225,7 @@ def test_include_metrics(orq: Orq, proxy: tuple[OrqProxy, ServerThread], clock: 
     """include_metrics adds the four 30-day figures, fed by the metrics rings; zeros when idle."""
     orq.identities.create(external_id="m1")
     orq.identities.create(external_id="m2")
-    metrics: IdentityMetrics = proxy[0].components["identity_metrics"]
+    metrics: IdentityMetrics = proxy[0].services.identity_metrics
     for status in ("OK", "OK", "ERROR"):
         metrics.record(
             UsageEvent(

@@ -172,7 +172,7 @@ def test_header_tags_only(proxy: Proxy, fake: FakeUpstream) -> None:
         )
         metrics = orq.identities.retrieve(id="hdr-2", include_metrics=True).identity.metrics
         assert metrics is not None and metrics.total_requests == 1
-    assert proxy.app.components["identity_metrics"].snapshot("default", "hdr-1")["total_requests"] == 1
+    assert proxy.app.services.identity_metrics.snapshot("default", "hdr-1")["total_requests"] == 1
     assert_nothing_leaked(fake)
 
 

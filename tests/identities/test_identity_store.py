@@ -55,7 +55,7 @@ async def store(
     else:
         s = SqliteIdentityStore(":memory:", clock=clock)
     yield s
-    await s.close()
+    await s.aclose()
 
 
 def f(**fields: Any) -> IdentityFields:
@@ -430,8 +430,8 @@ async def test_sqlite_survives_restart(tmp_path: Path) -> None:
     a = await first.create("ws", "a", f(display_name="Ada", tags=["t"], metadata={"plan": "pro"}))
     b = await first.upsert("ws", "b", f(email="b@x"))
     await first.update("ws", a.id, f(email="ada@x"))
-    await first.close()
-    await first.close()  # idempotent
+    await first.aclose()
+    await first.aclose()  # idempotent
     with pytest.raises(RuntimeError):
         await first.get("ws", a.id)
 
@@ -446,7 +446,7 @@ async def test_sqlite_survives_restart(tmp_path: Path) -> None:
         assert c.id > b.id
         assert await second.count("ws") == 3
     finally:
-        await second.close()
+        await second.aclose()
 
 
 def test_sqlite_bad_path_fails_at_construction(tmp_path: Path) -> None:
@@ -460,7 +460,7 @@ async def test_store_from_url(tmp_path: Path) -> None:
     assert isinstance(identity_store_from_url("memory"), InMemoryIdentityStore)
     sqlite_store = identity_store_from_url(f"sqlite://{tmp_path}/s.db")
     assert isinstance(sqlite_store, SqliteIdentityStore)
-    await sqlite_store.close()
+    await sqlite_store.aclose()
     assert (tmp_path / "s.db").exists()
     for bad in ("sqlite://", "postgres://x", "memroy", f"sqlite://{tmp_path}/no-such-dir/s.db"):
         with pytest.raises(ValueError, match=r"\[storage\] state"):

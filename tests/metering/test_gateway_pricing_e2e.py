@@ -96,7 +96,7 @@ def test_budget_on_gateway_upstream_reserves_its_price(
     app, server = proxy_factory(
         {"upstreams": upstreams(upstream_url), "api_keys": KEYS}, sinks=[MemorySink()]
     )
-    assert app.components["budget_gate"].pricer is app.components["pricer"]
+    assert app.budget_gate.pricer is app.services.pricer
     response = httpx.post(
         server.url + "/v2/budgets",
         json={"scope": {"project": {"project_id": "proj"}}, "limits": {"amount": 0.000001}},

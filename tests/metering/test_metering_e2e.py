@@ -22,7 +22,7 @@ from genai_prices import Usage, calc_price
 from orq_ai_sdk import Orq
 
 from orq_proxy.app import OrqProxy
-from orq_proxy.sinks.duckdb import EVENTS_TABLE
+from orq_proxy.eventstore.duckdb import EVENTS_TABLE
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
@@ -316,9 +316,9 @@ def test_events_reach_duckdb_and_jsonl_within_a_second(
     client = closing_client(server, request)
     out = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     t0 = time.monotonic()
-    while app.event_store.count() < 1 and time.monotonic() - t0 < 1.0:
+    while app.services.event_store.count() < 1 and time.monotonic() - t0 < 1.0:
         time.sleep(0.01)
-    cur = app.event_store.cursor()
+    cur = app.services.event_store.cursor()
     row = cur.execute(f"SELECT input_tokens, output_tokens, status FROM {EVENTS_TABLE}").fetchall()
     assert out.usage is not None
     assert row == [(out.usage.prompt_tokens, out.usage.completion_tokens, "OK")]

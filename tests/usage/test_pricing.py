@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 from genai_prices import Usage, calc_price
 
-from orq_proxy.metering import pricing
+from orq_proxy.usage import pricing
 from orq_proxy.usage.money import usd_to_nanos
 from orq_proxy.usage.pricing import Cost, Pricer, TokenUsage, _atto_to_nanos
 

@@ -1,0 +1,277 @@
+"""The proxy's shared, stateful objects as one typed graph: `Services`, built from config by
+`build_services`, started and stopped by `Services.running()`.
+
+`build_services(config, **overrides)` takes each field by keyword to replace what config would build (tests
+pass a `FakeClock`, a ready `budget_counters`, extra `sinks`, ...); a misspelled name is a `TypeError`, as
+for any Python call. `running()` starts the services in dependency order on an `AsyncExitStack` and
+registers each one's stop right after its start, so a startup that fails half way stops exactly what had
+started, in reverse. Stores are opened when built, so their `aclose` is registered first and runs last,
+after the sink bus has flushed into the event store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from orq_proxy.auth import KeyRing, keyring_from_config
+from orq_proxy.budgets.alerts import AlertDispatcher
+from orq_proxy.budgets.api import BudgetIdentityHooks
+from orq_proxy.budgets.counters import Counters, InMemoryCounters
+from orq_proxy.budgets.ledger import rebuild_counters
+from orq_proxy.budgets.redis_counters import redis_counters_from_url
+from orq_proxy.budgets.store import BudgetStore, budget_store_from_url
+from orq_proxy.clock import Clock, SystemClock
+from orq_proxy.config import ProxyConfig
+from orq_proxy.identities.api import IdentityBudgetHooks
+from orq_proxy.identities.metrics import IdentityMetrics
+from orq_proxy.identities.store import IdentityStore, identity_store_from_url
+from orq_proxy.metering.prometheus import PrometheusMetrics
+from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
+from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
+from orq_proxy.sinks.duckdb import DuckDBEventStore
+from orq_proxy.usage.pricing import Pricer
+
+__all__ = ["Services", "build_services"]
+
+logger = logging.getLogger(__name__)
+
+_Stop = Callable[[], Awaitable[object]]
+
+
+@dataclass(kw_only=True, slots=True)
+class Services:
+    """Every shared object of one proxy. Built by `build_services`; the stack and the APIs get theirs
+    from here, and `running()` is their lifespan.
+
+    Attributes:
+        config: the configuration; clock: time source; keyring: the proxy keys.
+        event_store: usage events (the ledger; reporting, identity metrics and budget rebuilds read it).
+        upstream: the forwarding app (its connection pool).
+        identity_store, identity_metrics: identity records and their 30-day rings.
+        budget_store, budget_counters, budget_alerts: budget records, counters, alert webhooks.
+        identity_budget_hooks: the identities API's view of budgets.
+        pricer: prices (metering and the budget gate share it); bus: the sink bus; prom: /metrics.
+    """
+
+    config: ProxyConfig
+    clock: Clock
+    keyring: KeyRing
+    event_store: DuckDBEventStore
+    upstream: UpstreamApp
+    identity_store: IdentityStore
+    identity_metrics: IdentityMetrics
+    budget_store: BudgetStore
+    budget_counters: Counters
+    budget_alerts: AlertDispatcher
+    identity_budget_hooks: IdentityBudgetHooks
+    pricer: Pricer
+    bus: EventBus
+    prom: PrometheusMetrics
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Start everything (each stop registered right after its start), yield, stop in reverse."""
+        async with contextlib.AsyncExitStack() as stack:
+
+            def on_exit(stop: _Stop) -> None:
+                stack.push_async_callback(_logged(stop))
+
+            # Opened when built: closed last, once everything that writes to them has stopped.
+            on_exit(self._close_event_store)
+            on_exit(self.identity_store.aclose)
+            on_exit(self.budget_store.aclose)
+            on_exit(self.budget_counters.aclose)
+            await self.upstream.startup()
+            on_exit(self.upstream.aclose)
+            await self._seed_identity_metrics()
+            prune = _Periodic(3600.0, self.identity_metrics.prune)  # rings idle for the whole window
+            await prune.start()
+            on_exit(prune.stop)
+            if isinstance(self.budget_counters, InMemoryCounters):
+                await self._rebuild_budget_counters(self.budget_counters)
+            await self.budget_alerts.start()
+            on_exit(self.budget_alerts.aclose)
+            await self.bus.start()
+            on_exit(self.bus.stop)  # flushes what is queued into the (still open) event store
+            retention = _Periodic(3600.0, self._apply_retention, in_thread=True, at_start=True)
+            await retention.start()
+            on_exit(retention.stop)
+            yield
+
+    async def _close_event_store(self) -> None:
+        self.event_store.close()
+
+    async def _seed_identity_metrics(self) -> None:
+        """The 30-day rings from the events already stored (a file store keeps include_metrics)."""
+        rows = await asyncio.to_thread(self.identity_metrics.seed_from_events, self.event_store)
+        if rows:
+            logger.info("identity metrics: rebuilt %d identity-days from the event store", rows)
+
+    async def _rebuild_budget_counters(self, counters: InMemoryCounters) -> None:
+        """In-memory counters start empty: rebuild the current windows from the ledger, so durable records
+        and a file event store give a durable budget."""
+        restored = await rebuild_counters(self.budget_store, counters, self.event_store, self.clock.now())
+        if restored:
+            logger.info("budgets: rebuilt the counters of %d budgets from the event store", restored)
+
+    def _apply_retention(self) -> None:
+        """Delete events older than `[reporting] retention_days` (blocking: runs in a worker thread)."""
+        retention = timedelta(days=self.config.reporting.retention_days)
+        deleted = self.event_store.delete_before(self.clock.now() - retention)
+        if deleted:
+            logger.info("event store: deleted %d events older than %s", deleted, retention)
+
+
+def build_services(
+    config: ProxyConfig,
+    *,
+    clock: Clock | None = None,
+    keyring: KeyRing | None = None,
+    event_store: DuckDBEventStore | None = None,
+    upstream: UpstreamApp | None = None,
+    identity_store: IdentityStore | None = None,
+    identity_metrics: IdentityMetrics | None = None,
+    budget_store: BudgetStore | None = None,
+    budget_counters: Counters | None = None,
+    budget_alerts: AlertDispatcher | None = None,
+    identity_budget_hooks: IdentityBudgetHooks | None = None,
+    pricer: Pricer | None = None,
+    sinks: Iterable[UsageSink] = (),
+    bus: EventBus | None = None,
+    prom: PrometheusMetrics | None = None,
+) -> Services:
+    """The `Services` that `config` describes; any keyword replaces the one config would build.
+
+    Args:
+        config: the `ProxyConfig`.
+        sinks: extra `UsageSink`s, after the event store and `[[sinks]]` (ignored when `bus` is given).
+        The rest: ready-made services (tests pass a `FakeClock`, a `budget_counters`, ...).
+    """
+    if not config.upstreams:
+        raise ValueError("no upstream configured: add an [upstreams.<name>] table or pass --upstream URL")
+    clock = clock or SystemClock()
+    keyring = keyring or keyring_from_config(config)
+    if keyring.open_mode:
+        logger.warning(
+            "no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'"
+        )
+    event_store = event_store or DuckDBEventStore.from_url(config.storage.events)
+    _warn_about_lifetimes(config, event_store)
+    _warn_about_credentials(config)
+    storage = config.storage
+    budget_store = budget_store or budget_store_from_url(storage.state)  # the identities' SQLite file too
+    budget_counters = budget_counters or _budget_counters(storage.counters)
+    return Services(
+        config=config,
+        clock=clock,
+        keyring=keyring,
+        event_store=event_store,
+        upstream=upstream or UpstreamApp(targets_from_config(config.upstreams)),
+        identity_store=identity_store or identity_store_from_url(storage.state, clock=clock),
+        identity_metrics=identity_metrics or IdentityMetrics(clock=clock),
+        budget_store=budget_store,
+        budget_counters=budget_counters,
+        budget_alerts=budget_alerts or AlertDispatcher(config.notifiers),
+        identity_budget_hooks=identity_budget_hooks or BudgetIdentityHooks(budget_store, budget_counters),
+        # genai-prices + `[prices."provider/model"]`; each upstream's provider is resolved once, here.
+        pricer=pricer
+        or Pricer(
+            {
+                ref: (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+                for ref, p in config.prices.items()
+            },
+            prices_as={name: up.prices_as for name, up in config.upstreams.items()},
+        ),
+        # The event store first (what reporting reads), then `[[sinks]]`, then `sinks` passed here.
+        bus=bus or EventBus([*build_sinks(config, event_store), *sinks]),
+        prom=prom or PrometheusMetrics(),
+    )
+
+
+def _budget_counters(url: str) -> Counters:
+    """`[storage] counters`: in memory, or Redis shared by replicas (the optional `redis` extra)."""
+    if url == "memory":
+        return InMemoryCounters()
+    return redis_counters_from_url(url)
+
+
+def _warn_about_credentials(config: ProxyConfig) -> None:
+    """An `api_key_env` that is not set means every call goes upstream without a credential (and gets
+    401 there): say so at startup, naming the variable and the upstream."""
+    for name, upstream in config.upstreams.items():
+        if upstream.api_key_env and not upstream.api_key and upstream.credential() is None:
+            logger.warning(
+                "upstream %r (%s): api_key_env %s is not set; calls will reach it without a credential",
+                name,
+                upstream.base_url,
+                upstream.api_key_env,
+            )
+
+
+def _warn_about_lifetimes(config: ProxyConfig, event_store: DuckDBEventStore) -> None:
+    """Say at startup what does not outlive the process with this `[storage]`."""
+    storage = config.storage
+    if storage.state == "memory":
+        logger.warning(
+            '[storage] state = "memory": identities, budgets and their spend last only as long as this '
+            'process; set state = "sqlite:///<path>" and events = "duckdb:///<path>" to keep them'
+        )
+    elif event_store.path == ":memory:" and storage.counters == "memory":
+        logger.warning(
+            "[storage] events are in memory: budgets survive a restart but their spend starts again at "
+            'zero (it is rebuilt from the event store); set events = "duckdb:///<path>" to keep it'
+        )
+
+
+def _logged(stop: _Stop) -> Callable[[], Awaitable[None]]:
+    """`stop`, with a failure logged instead of raised, so one failing stop does not skip the others."""
+
+    async def run() -> None:
+        try:
+            await stop()
+        except Exception:
+            logger.exception("shutdown step %s failed", getattr(stop, "__qualname__", stop))
+
+    return run
+
+
+class _Periodic:
+    """Calls a synchronous `job` every `interval` seconds while the app runs: on the loop when it is cheap,
+    in a worker thread when it blocks (`in_thread`); the first time at start-up too with `at_start`."""
+
+    def __init__(
+        self, interval: float, job: Callable[[], object], *, in_thread: bool = False, at_start: bool = False
+    ) -> None:
+        self.interval = interval
+        self.job = job
+        self.in_thread = in_thread
+        self.at_start = at_start
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        if not self.at_start:
+            await asyncio.sleep(self.interval)
+        while True:
+            try:
+                if self.in_thread:
+                    await asyncio.to_thread(self.job)
+                else:
+                    self.job()
+            except Exception:
+                logger.exception("periodic job %s failed", getattr(self.job, "__qualname__", self.job))
+            await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
