@@ -30,10 +30,11 @@ from starlette.types import Message, Receive, Scope, Send
 from orq_proxy.auth import Principal
 from orq_proxy.clock import SystemClock
 from orq_proxy.context import SCOPE_KEY, RequestContext, ResolvedIdentity
+from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, event_row
 from orq_proxy.metering.middleware import MeteringMiddleware
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.sinks.base import EventBus
-from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, DuckDBSink, event_row
+from orq_proxy.sinks.duckdb import DuckDBSink
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.pricing import Pricer, TokenUsage
 

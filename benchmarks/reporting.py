@@ -29,10 +29,11 @@ import httpx
 from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing
+from orq_proxy.eventstore.duckdb import EVENTS_TABLE, DuckDBEventStore
 from orq_proxy.reporting.api import render_report, routes
-from orq_proxy.reporting.engine import ReportEngine, ReportScope
+from orq_proxy.reporting.engine import ReportEngine
 from orq_proxy.reporting.query import parse_report_query
-from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore
+from orq_proxy.reporting.source import ReportScope
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import serve_in_thread
 from orq_proxy.timefmt import rfc3339
@@ -63,7 +64,7 @@ SELECT
     tin * m.in_price, tout * m.out_price, (tin // 4) * m.in_price // 2, 0, tin * m.in_price + tout * m.out_price,
     50 + (hash(i, 10) % 200000) / 10.0,
     CASE WHEN hash(i, 7) % 3 = 0 THEN 20 + (hash(i, 11) % 20000) / 10.0 END,
-    'exact', NULL, 'genai-prices', '{{}}'
+    'exact', NULL, 'genai-prices', []::VARCHAR[], '{{}}'
 FROM (
     SELECT i, (hash(i, 8) % 4000)::BIGINT AS tin, (hash(i, 9) % 1200)::BIGINT AS tout,
            (hash(i, 5) % 12)::INTEGER AS model_index

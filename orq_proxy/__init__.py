@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from orq_proxy.clock import Clock
     from orq_proxy.config import ProxyConfig, load_config
     from orq_proxy.context import RequestContext
+    from orq_proxy.eventstore import EventStore
+    from orq_proxy.eventstore.duckdb import DuckDBEventStore
     from orq_proxy.identities.store import IdentityStore
     from orq_proxy.services import Services, build_services
     from orq_proxy.sinks.base import UsageSink
-    from orq_proxy.sinks.duckdb import DuckDBEventStore
     from orq_proxy.usage.events import UsageEvent
     from orq_proxy.usage.pricing import Pricer
 
@@ -35,6 +36,7 @@ __all__ = [
     "Clock",
     "Counters",
     "DuckDBEventStore",
+    "EventStore",
     "IdentityStore",
     "OrqProxy",
     "Pricer",
@@ -53,7 +55,8 @@ _EXPORTS = {
     "BudgetStore": "orq_proxy.budgets.store",
     "Clock": "orq_proxy.clock",
     "Counters": "orq_proxy.budgets.counters",
-    "DuckDBEventStore": "orq_proxy.sinks.duckdb",
+    "DuckDBEventStore": "orq_proxy.eventstore.duckdb",
+    "EventStore": "orq_proxy.eventstore",
     "IdentityStore": "orq_proxy.identities.store",
     "OrqProxy": "orq_proxy.app",
     "Pricer": "orq_proxy.usage.pricing",

@@ -15,6 +15,7 @@ from typing import Any
 
 from orq_proxy.app import OrqProxy, build_app
 from orq_proxy.config import ProxyConfig
+from orq_proxy.eventstore.duckdb import DuckDBEventStore
 from orq_proxy.testing.fake_upstream import FakeUpstream, build_fake_upstream
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
 from orq_proxy.usage.money import nanos_to_usd
@@ -119,6 +120,7 @@ def step_unknown_provider(run: DemoRun) -> None:
 def step_metering(run: DemoRun) -> None:
     """What metering recorded: the usage events in the event store (flushed within ~0.1 s), summed."""
     store = run.proxy.services.event_store
+    assert isinstance(store, DuckDBEventStore)  # the demo's config keeps events in DuckDB, read here with SQL
     deadline = time.monotonic() + 2.0
     while store.count() < 2 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -27,13 +27,14 @@ from orq_proxy.budgets.redis_counters import redis_counters_from_url
 from orq_proxy.budgets.store import BudgetStore, budget_store_from_url
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
+from orq_proxy.eventstore import EventStore, event_store_from_url
+from orq_proxy.eventstore.duckdb import parse_events_url
 from orq_proxy.identities.api import IdentityBudgetHooks
 from orq_proxy.identities.metrics import IdentityMetrics
 from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
-from orq_proxy.sinks.duckdb import DuckDBEventStore
 from orq_proxy.usage.pricing import Pricer
 
 __all__ = ["Services", "build_services"]
@@ -61,7 +62,7 @@ class Services:
     config: ProxyConfig
     clock: Clock
     keyring: KeyRing
-    event_store: DuckDBEventStore
+    event_store: EventStore
     upstream: UpstreamApp
     identity_store: IdentityStore
     identity_metrics: IdentityMetrics
@@ -82,7 +83,7 @@ class Services:
                 stack.push_async_callback(_logged(stop))
 
             # Opened when built: closed last, once everything that writes to them has stopped.
-            on_exit(self._close_event_store)
+            on_exit(self.event_store.aclose)
             on_exit(self.identity_store.aclose)
             on_exit(self.budget_store.aclose)
             on_exit(self.budget_counters.aclose)
@@ -102,9 +103,6 @@ class Services:
             await retention.start()
             on_exit(retention.stop)
             yield
-
-    async def _close_event_store(self) -> None:
-        self.event_store.close()
 
     async def _seed_identity_metrics(self) -> None:
         """The 30-day rings from the events already stored (a file store keeps include_metrics)."""
@@ -132,7 +130,7 @@ def build_services(
     *,
     clock: Clock | None = None,
     keyring: KeyRing | None = None,
-    event_store: DuckDBEventStore | None = None,
+    event_store: EventStore | None = None,
     upstream: UpstreamApp | None = None,
     identity_store: IdentityStore | None = None,
     identity_metrics: IdentityMetrics | None = None,
@@ -160,8 +158,8 @@ def build_services(
         logger.warning(
             "no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'"
         )
-    event_store = event_store or DuckDBEventStore.from_url(config.storage.events)
-    _warn_about_lifetimes(config, event_store)
+    event_store = event_store or event_store_from_url(config.storage.events)
+    _warn_about_lifetimes(config)
     _warn_about_credentials(config)
     storage = config.storage
     budget_store = budget_store or budget_store_from_url(storage.state)  # the identities' SQLite file too
@@ -213,7 +211,7 @@ def _warn_about_credentials(config: ProxyConfig) -> None:
             )
 
 
-def _warn_about_lifetimes(config: ProxyConfig, event_store: DuckDBEventStore) -> None:
+def _warn_about_lifetimes(config: ProxyConfig) -> None:
     """Say at startup what does not outlive the process with this `[storage]`."""
     storage = config.storage
     if storage.state == "memory":
@@ -221,7 +219,7 @@ def _warn_about_lifetimes(config: ProxyConfig, event_store: DuckDBEventStore) ->
             '[storage] state = "memory": identities, budgets and their spend last only as long as this '
             'process; set state = "sqlite:///<path>" and events = "duckdb:///<path>" to keep them'
         )
-    elif event_store.path == ":memory:" and storage.counters == "memory":
+    elif parse_events_url(storage.events) == ":memory:" and storage.counters == "memory":
         logger.warning(
             "[storage] events are in memory: budgets survive a restart but their spend starts again at "
             'zero (it is rebuilt from the event store); set events = "duckdb:///<path>" to keep it'

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from orq_proxy.budgets.counters import RATE_WINDOW_SECONDS, InMemoryCounters
 from orq_proxy.budgets.periods import window
@@ -22,8 +22,9 @@ from orq_proxy.usage.events import BudgetConsumption
 __all__ = ["BudgetLedger", "counting_start", "rebuild_counters"]
 
 
+@runtime_checkable
 class BudgetLedger(Protocol):
-    """The read the rebuild needs from an event store (`DuckDBEventStore` implements it)."""
+    """The read the rebuild needs from an event store (the event store implements it)."""
 
     def budget_consumption(
         self, since: Mapping[str, datetime], requests_since: datetime

@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 from array import array
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 from orq_proxy.clock import Clock
-from orq_proxy.sinks.duckdb import EVENTS_TABLE, DuckDBEventStore
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.money import nanos_to_usd
 
-__all__ = ["WINDOW_DAYS", "IdentityMetrics", "empty_metrics"]
+__all__ = ["WINDOW_DAYS", "IdentityDay", "IdentityHistory", "IdentityMetrics", "empty_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,28 @@ def _day(when: datetime) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp()) // _SECONDS_PER_DAY
+
+
+class IdentityDay(NamedTuple):
+    """One identity's usage on one UTC day: what the rings are rebuilt from."""
+
+    workspace: str
+    identity: str  # the external id
+    day: datetime  # the day's UTC midnight (aware, or naive UTC)
+    requests: int
+    errors: int  # requests with status ERROR
+    tokens: int
+    cost_nanos: int
+
+
+@runtime_checkable
+class IdentityHistory(Protocol):
+    """The read `seed_from_events` needs from an event store (the event store implements it)."""
+
+    def identity_days(self, since: datetime) -> list[IdentityDay]:
+        """Per (workspace, identity, UTC day) of the attributed events at or after `since` (aware), their
+        totals, in day order (blocking)."""
+        ...
 
 
 def empty_metrics() -> dict[str, Any]:
@@ -158,27 +179,17 @@ class IdentityMetrics:
         ring[base + 3] += tokens
         ring[base + 4] += cost_nanos
 
-    def seed_from_events(self, store: DuckDBEventStore) -> int:
-        """Rebuild the window's figures from the usage events already in `store` (blocking: one
-        GROUP BY over the window). With a file event store, `include_metrics` then survives a restart.
+    def seed_from_events(self, store: IdentityHistory) -> int:
+        """Rebuild the window's figures from the usage events already in `store` (blocking: one read over
+        the window). With a file event store, `include_metrics` then survives a restart.
         Returns how many (identity, day) rows were added."""
         since = datetime.fromtimestamp((_day(self._clock.now()) - self._days + 1) * _SECONDS_PER_DAY, UTC)
-        cur = store.cursor()
-        try:
-            rows = cur.execute(
-                f"SELECT workspace, identity, date_trunc('day', ts) AS day, count(*), "
-                f"count(*) FILTER (WHERE status = 'ERROR'), sum(total_tokens), sum(total_cost_nanos) "
-                f"FROM {EVENTS_TABLE} WHERE identity IS NOT NULL AND ts >= ? "
-                f"GROUP BY ALL ORDER BY day",
-                [since.replace(tzinfo=None)],
-            ).fetchall()
-        finally:
-            cur.close()
-        for workspace, identity, day, requests, errors, tokens, cost in rows:
+        days = store.identity_days(since)
+        for row in days:
             self.add_day(
-                workspace, identity, day, int(requests), int(errors), int(tokens or 0), int(cost or 0)
+                row.workspace, row.identity, row.day, row.requests, row.errors, row.tokens, row.cost_nanos
             )
-        return len(rows)
+        return len(days)
 
     def forget(self, workspace: str, external_id: str) -> None:
         """Drop an identity's figures (its record was deleted)."""

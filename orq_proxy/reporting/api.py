@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import duckdb
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -21,9 +20,9 @@ from orq_proxy.auth import KeyRing
 from orq_proxy.clock import Clock
 from orq_proxy.errors import GRPC_INTERNAL, OrqAPIError, orq_error
 from orq_proxy.management import admin_principal, json_ok, read_json_object
-from orq_proxy.reporting.engine import ReportEngine, ReportResult, ReportScope
+from orq_proxy.reporting.engine import ReportEngine, ReportResult
 from orq_proxy.reporting.query import ReportQuery, ReportQueryError, parse_report_query
-from orq_proxy.sinks.duckdb import DuckDBEventStore
+from orq_proxy.reporting.source import ReportScope, ReportSource, ReportSourceError
 from orq_proxy.timefmt import rfc3339
 
 __all__ = [
@@ -78,7 +77,7 @@ def _check_project_filters(query: ReportQuery, scope: ReportScope) -> None:
 def routes(
     *,
     keyring: KeyRing,
-    event_store: DuckDBEventStore,
+    event_store: ReportSource,
     clock: Clock,
     retention_days: int = 90,
 ) -> list[BaseRoute]:
@@ -86,7 +85,7 @@ def routes(
 
     Args:
         keyring: the proxy keys (admin keys may query).
-        event_store: where the usage events are.
+        event_store: where the usage events are (any `ReportSource`: the app passes its event store).
         clock: time source (for the retention rule).
         retention_days: how far back `from` may reach (config `reporting.retention_days`).
     """
@@ -109,7 +108,7 @@ def routes(
             result = await engine.run(query, scope)
         except OrqAPIError as exc:
             return orq_error(exc.status, exc.message, code=exc.code, headers=headers)
-        except duckdb.Error:
+        except ReportSourceError:
             logger.exception("reporting query failed (request %s)", request_id)
             return orq_error(
                 500,

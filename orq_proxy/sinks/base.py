@@ -22,13 +22,13 @@ from orq_proxy.usage.events import UsageEvent
 
 if TYPE_CHECKING:
     from orq_proxy.config import ProxyConfig
-    from orq_proxy.sinks.duckdb import DuckDBEventStore
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_FLUSH_INTERVAL",
     "DEFAULT_MAX_QUEUE",
     "EventBus",
+    "EventWriter",
     "SinkStats",
     "UsageSink",
     "build_sinks",
@@ -63,6 +63,20 @@ class UsageSink(Protocol):
     async def write(self, events: Sequence[UsageEvent]) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventWriter(Protocol):
+    """The write side of an event store, what `DuckDBSink` needs (`orq_proxy.eventstore.EventStore`
+    includes it)."""
+
+    def insert(self, events: Sequence[UsageEvent]) -> None:
+        """Append `events`, all or none (blocking: the sink calls it in a worker thread)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store (called by a sink that owns it, at shutdown)."""
+        ...
 
 
 def sink_name(sink: object) -> str:
@@ -314,14 +328,16 @@ class EventBus:
                 return
 
 
-def build_sinks(config: ProxyConfig, event_store: DuckDBEventStore) -> list[UsageSink]:
+def build_sinks(config: ProxyConfig, event_store: EventWriter) -> list[UsageSink]:
     """The sinks the configuration asks for: the event store first (what reporting reads), then every
     `[[sinks]]` entry (`jsonl` needs `path`; `duckdb` needs `path`, a separate database file; `memory`).
 
     Raises:
         ValueError: an entry misses a required key (the message names it).
     """
-    from orq_proxy.sinks.duckdb import DuckDBEventStore, DuckDBSink
+    # A `duckdb` entry names a DuckDB file by configuration, so this one place opens the DuckDB store.
+    from orq_proxy.eventstore.duckdb import DuckDBEventStore
+    from orq_proxy.sinks.duckdb import DuckDBSink
     from orq_proxy.sinks.jsonl import JsonlSink
     from orq_proxy.sinks.memory import MemorySink
 

@@ -22,7 +22,7 @@ from orq_proxy.budgets.ledger import rebuild_counters
 from orq_proxy.budgets.models import Period
 from orq_proxy.budgets.store import InMemoryBudgetStore
 from orq_proxy.config import ProxyConfig
-from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore
+from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.events import UsageEvent
 from tests.budgets.conftest import new_budget

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from orq_proxy.identities.metrics import IdentityMetrics, empty_metrics
+from orq_proxy.identities.metrics import IdentityDay, IdentityHistory, IdentityMetrics, empty_metrics
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.usage.events import UsageEvent
 
@@ -163,3 +163,41 @@ def test_matches_brute_force_with_late_events() -> None:
                 assert got["total_cost"] == round(sum(x.total_cost_nanos for x in window) / 1e9, 10)
                 errors = sum(x.status == "ERROR" for x in window)
                 assert got["error_rate"] == pytest.approx(errors / len(window) if window else 0.0)
+
+
+class _History:
+    """An `IdentityHistory` without a database: canned rows, and the `since` it was asked for."""
+
+    def __init__(self, rows: list[IdentityDay]) -> None:
+        self.rows = rows
+        self.since: list[datetime] = []
+
+    def identity_days(self, since: datetime) -> list[IdentityDay]:
+        self.since.append(since)
+        return self.rows
+
+
+def test_seed_from_events_reads_the_window_through_its_protocol() -> None:
+    """`seed_from_events` asks any `IdentityHistory` for the window's days (from the UTC midnight 29 days
+    back) and adds each row to its identity's ring; a day the window has left is ignored."""
+    clock = FakeClock(START)
+    midnight = START.replace(hour=0)
+    history = _History(
+        [
+            IdentityDay("ws", "u1", midnight - timedelta(days=40), 9, 9, 9, 9),  # left the window
+            IdentityDay("ws", "u1", midnight - timedelta(days=3), 2, 1, 30, 2_000),
+            IdentityDay("ws", "u1", midnight.replace(tzinfo=None), 1, 0, 5, 500),  # naive = UTC
+            IdentityDay("ws", "u2", midnight, 4, 0, 8, 0),
+        ]
+    )
+    assert isinstance(history, IdentityHistory)
+    m = IdentityMetrics(clock=clock)
+    assert m.seed_from_events(history) == 4
+    assert history.since == [midnight - timedelta(days=29)]
+    assert m.snapshot("ws", "u1") == {
+        "total_tokens": 35,
+        "total_cost": 0.0000025,
+        "total_requests": 3,
+        "error_rate": pytest.approx(1 / 3),
+    }
+    assert m.snapshot("ws", "u2")["total_requests"] == 4

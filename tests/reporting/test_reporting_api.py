@@ -14,9 +14,9 @@ from orq_ai_sdk import Orq, models
 from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing, Principal, hash_key
+from orq_proxy.eventstore.duckdb import DuckDBEventStore
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.query import QUALITY_METRICS
-from orq_proxy.sinks.duckdb import DuckDBEventStore
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
 from orq_proxy.usage.events import UsageEvent

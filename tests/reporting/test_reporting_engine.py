@@ -17,10 +17,11 @@ from orq_ai_sdk import Orq
 from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing
+from orq_proxy.eventstore.duckdb import DuckDBEventStore
 from orq_proxy.reporting.api import routes
-from orq_proxy.reporting.engine import ReportEngine, ReportScope, offset_segments
+from orq_proxy.reporting.engine import ReportEngine, offset_segments
 from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, parse_report_query
-from orq_proxy.sinks.duckdb import DuckDBEventStore
+from orq_proxy.reporting.source import ReportScope
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
 from orq_proxy.timefmt import rfc3339

@@ -12,8 +12,9 @@ import duckdb
 import pytest
 
 from orq_proxy.config import ProxyConfig
+from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, event_row
 from orq_proxy.sinks.base import EventBus, build_sinks
-from orq_proxy.sinks.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, DuckDBSink, event_row
+from orq_proxy.sinks.duckdb import DuckDBSink
 from orq_proxy.sinks.jsonl import JsonlSink
 from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.usage.events import UsageEvent

@@ -1,0 +1,256 @@
+"""The event store seam: the slices read events only through protocols they own, the DuckDB store
+implements every one of them, and its identity and failure reads answer what the slices expect."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+import orq_proxy
+from orq_proxy.budgets.ledger import BudgetLedger
+from orq_proxy.eventstore import EventStore, event_store_from_url
+from orq_proxy.eventstore.duckdb import DuckDBEventStore
+from orq_proxy.identities.metrics import IdentityDay, IdentityHistory, IdentityMetrics
+from orq_proxy.reporting.engine import plan_report
+from orq_proxy.reporting.query import parse_report_query
+from orq_proxy.reporting.source import (
+    EventRetention,
+    Measure,
+    ReportPlan,
+    ReportScope,
+    ReportSource,
+    ReportSourceError,
+)
+from orq_proxy.sinks.base import EventWriter
+from orq_proxy.testing.clock import FakeClock
+from orq_proxy.usage.events import UsageEvent
+
+ROOT = Path(orq_proxy.__file__).parent
+# The slices that read or produce events but must not know how they are stored (sinks are left out:
+# `build_sinks` opens a DuckDB file for a `[[sinks]] type = "duckdb"` entry).
+STORE_FREE_PACKAGES = ("reporting", "identities", "budgets", "metering", "usage")
+DUCKDB_MODULES = ("duckdb", "orq_proxy.eventstore.duckdb", "orq_proxy.sinks.duckdb")
+NOW = datetime(2026, 5, 20, 15, tzinfo=UTC)
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module a file imports, anywhere in it (functions and `if TYPE_CHECKING:` included), and for
+    `from a import b` also `a.b` (which may be a submodule)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def is_duckdb(name: str) -> bool:
+    return any(name == module or name.startswith(module + ".") for module in DUCKDB_MODULES)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [path for package in STORE_FREE_PACKAGES for path in sorted((ROOT / package).glob("*.py"))],
+    ids=lambda path: f"{path.parent.name}/{path.name}",
+)
+def test_slices_import_no_duckdb_module(path: Path) -> None:
+    """Reporting, identities (and budgets, metering, the usage kernel) name no DuckDB module: they read
+    the store through their own protocols, so a PostgreSQL store needs no change in them."""
+    assert sorted(name for name in imported_names(path) if is_duckdb(name)) == []
+
+
+def test_the_import_check_sees_a_duckdb_import(tmp_path: Path) -> None:
+    """The check above would catch each way of importing DuckDB, even inside a function."""
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import duckdb.typing\nfrom orq_proxy.eventstore import duckdb as d\n"
+        "def f():\n    from orq_proxy.sinks.duckdb import DuckDBEventStore\n"
+    )
+    assert sorted(name for name in imported_names(source) if is_duckdb(name)) == [
+        "duckdb.typing",
+        "orq_proxy.eventstore.duckdb",
+        "orq_proxy.sinks.duckdb",
+        "orq_proxy.sinks.duckdb.DuckDBEventStore",
+    ]
+
+
+def test_importing_reporting_and_identities_loads_no_duckdb() -> None:
+    """Every module of reporting and identities imports without loading DuckDB, directly or through
+    another module (checked in a fresh interpreter)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import orq_proxy.identities, orq_proxy.reporting\n"
+        "for pkg in (orq_proxy.identities, orq_proxy.reporting):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "print(sorted(m for m in sys.modules if m == 'duckdb' or m.startswith(('duckdb.', 'orq_proxy.eventstore'))"
+        " or m == 'orq_proxy.sinks.duckdb'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "protocol", [EventStore, ReportSource, EventRetention, IdentityHistory, BudgetLedger, EventWriter]
+)
+def test_duckdb_store_implements_every_slice_protocol(protocol: type) -> None:
+    """`DuckDBEventStore` is an `EventStore`, so each slice's protocol (mypy checks the signatures too,
+    in `eventstore/duckdb.py`)."""
+    store = DuckDBEventStore()
+    try:
+        assert isinstance(store, protocol)
+    finally:
+        store.close()
+
+
+def test_a_store_missing_a_read_is_no_event_store() -> None:
+    """The runtime check has teeth: a writer without the reads is not an `EventStore`."""
+
+    class WriteOnly:
+        def insert(self, events: list[UsageEvent]) -> None: ...
+
+        async def aclose(self) -> None: ...
+
+    assert isinstance(WriteOnly(), EventWriter)
+    assert not isinstance(WriteOnly(), EventStore)
+
+
+def test_event_store_from_url() -> None:
+    """`duckdb://:memory:` opens a DuckDB store; another scheme is a ValueError naming the URL."""
+    store = event_store_from_url("duckdb://:memory:")
+    try:
+        assert isinstance(store, DuckDBEventStore) and store.path == ":memory:"
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="postgresql://db/events"):
+        event_store_from_url("postgresql://db/events")
+
+
+async def test_aclose_closes_and_keeps_a_file(tmp_path: Path) -> None:
+    """`aclose` closes the database (off the event loop); a file store keeps its rows for the next open."""
+    path = str(tmp_path / "events.duckdb")
+    store = DuckDBEventStore(path)
+    store.insert([make_event(0, NOW)])
+    await store.aclose()
+    with pytest.raises(duckdb.ConnectionException):
+        store.count()
+    again = DuckDBEventStore(path)
+    try:
+        assert again.count() == 1
+    finally:
+        again.close()
+
+
+def make_event(i: int, when: datetime, **kw: Any) -> UsageEvent:
+    data: dict[str, Any] = {
+        "event_id": f"e{i}",
+        "timestamp": when,
+        "workspace": "ws",
+        "project": "p",
+        "api_key_id": "k",
+        "identity": "u1",
+        "total_tokens": 10 + i,
+        "total_cost_nanos": 1_000 + i,
+    }
+    data.update(kw)
+    return UsageEvent(**data)
+
+
+def test_identity_days_sum_per_workspace_identity_and_utc_day() -> None:
+    """One row per (workspace, identity, UTC day) at or after `since`, in day order, with requests,
+    errors, tokens and nano-USD; unattributed events are left out."""
+    day = datetime(2026, 5, 18, tzinfo=UTC)
+    events = [
+        make_event(0, day - timedelta(microseconds=1)),  # before `since`
+        make_event(1, day),
+        make_event(2, day + timedelta(hours=23, minutes=59), status="ERROR"),
+        make_event(3, day + timedelta(days=1)),
+        make_event(4, day + timedelta(hours=5), identity="u2"),
+        make_event(5, day + timedelta(hours=5), workspace="other"),
+        make_event(6, day + timedelta(hours=5), identity=None),
+    ]
+    store = DuckDBEventStore()
+    try:
+        store.insert(events)
+        days = store.identity_days(day)
+    finally:
+        store.close()
+    assert all(isinstance(row, IdentityDay) for row in days)
+    got = sorted((r.workspace, r.identity, r.day, r.requests, r.errors, r.tokens, r.cost_nanos) for r in days)
+    midnight = day.replace(tzinfo=None)  # naive UTC
+    assert got == [
+        ("other", "u1", midnight, 1, 0, 15, 1_005),
+        ("ws", "u1", midnight, 2, 1, 11 + 12, 1_001 + 1_002),
+        ("ws", "u1", midnight + timedelta(days=1), 1, 0, 13, 1_003),
+        ("ws", "u2", midnight, 1, 0, 14, 1_004),
+    ]
+    assert [r.day for r in days] == sorted(r.day for r in days)
+
+
+def test_seeding_from_the_store_equals_recording_the_events() -> None:
+    """Rings rebuilt from the DuckDB store give the same snapshots as recording the same events live."""
+    clock = FakeClock(NOW)
+    events = [
+        make_event(
+            i,
+            NOW - timedelta(hours=7 * i),
+            identity=f"u{i % 4}",
+            status="ERROR" if i % 5 == 0 else "OK",
+        )
+        for i in range(150)  # about 44 days: some before the 30-day window
+    ]
+    live, seeded = IdentityMetrics(clock=clock), IdentityMetrics(clock=clock)
+    for e in events:
+        live.record(e)
+    store = DuckDBEventStore()
+    try:
+        store.insert(events)
+        assert seeded.seed_from_events(store) > 0
+    finally:
+        store.close()
+    for identity in ("u0", "u1", "u2", "u3"):
+        assert seeded.snapshot("ws", identity) == live.snapshot("ws", identity)
+
+
+def test_a_failing_report_is_a_report_source_error() -> None:
+    """A DuckDB error while reporting reaches reporting as its own `ReportSourceError` (chained)."""
+    store = DuckDBEventStore()
+    store.close()
+    body = {"metric": "genai.requests", "from": "2026-05-19T00:00:00Z", "to": "2026-05-20T00:00:00Z"}
+    plan = plan_report(parse_report_query(body, now=NOW), ReportScope("ws"))
+    with pytest.raises(ReportSourceError) as caught:
+        store.report(plan)
+    assert isinstance(caught.value.__cause__, duckdb.Error)
+
+
+@pytest.mark.parametrize(
+    ("measure", "problem"),
+    [
+        (Measure("x", "sum", "identity"), "not a numeric event column"),
+        (Measure("x", "sum", "ts); DROP TABLE usage_events; --"), "not a numeric event column"),
+        (Measure("x", "quantile", "latency_ms", 1.5, kind="float"), "fraction must be 0..1"),
+        (Measure("x", "quantile", "latency_ms", kind="float"), "fraction must be 0..1"),
+    ],
+)
+def test_measures_outside_the_whitelist_are_refused(measure: Measure, problem: str) -> None:
+    """A measure's column must be a numeric event column and a quantile's rank 0..1: nothing else is
+    ever written into the SQL."""
+    body = {"metric": "genai.requests", "from": "2026-05-19T00:00:00Z", "to": "2026-05-20T00:00:00Z"}
+    plan = plan_report(parse_report_query(body, now=NOW), ReportScope("ws"))
+    store = DuckDBEventStore()
+    try:
+        with pytest.raises(ValueError, match=problem):
+            store.report(ReportPlan(plan.query, plan.scope, (measure,), ("x",), plan.segments))
+    finally:
+        store.close()
