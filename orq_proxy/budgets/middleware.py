@@ -34,7 +34,8 @@ from orq_proxy.budgets.models import Budget
 from orq_proxy.budgets.store import BudgetStore
 from orq_proxy.clock import Clock
 from orq_proxy.context import RequestContext, get_context
-from orq_proxy.errors import openai_error
+from orq_proxy.errors import ServiceUnavailable, openai_error
+from orq_proxy.logs import RepeatedFailure
 from orq_proxy.timefmt import rfc3339
 from orq_proxy.usage.estimate import estimate_input_tokens, max_output_tokens
 from orq_proxy.usage.events import UsageEvent
@@ -96,6 +97,16 @@ class BudgetMiddleware:
         self.on_refused = on_refused
         # Settlements still running after their request was cancelled; kept so they are not collected.
         self._background: set[asyncio.Task[None]] = set()
+        # A backend outage fails every request alike: log it once with its cause, then a summary per 10 s.
+        consequence = "forwarding (fail open)" if fail_open else "refusing with 503 (fail closed)"
+        self._backend_failures = RepeatedFailure(
+            logger, f"budget backend failed; {consequence}", expected=(ServiceUnavailable,)
+        )
+        self._settle_failures = RepeatedFailure(
+            logger,
+            "budget settlement failed (a remote backend gives the reservation back when it expires)",
+            expected=(ServiceUnavailable,),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,17 +138,19 @@ class BudgetMiddleware:
             else:
                 cost_nanos, tokens = self.estimate(ctx)
                 reserved = await self.counters.reserve(principal.workspace, budgets, cost_nanos, tokens, now)
-        except Exception:
+        except Exception as exc:
+            self._backend_failures.failed(exc)  # once with its cause, then a summary every 10 s
             if not self.fail_open:
-                logger.exception("request %s: budget backend failed; refusing (fail closed)", ctx.request_id)
                 response = openai_error(
                     503, "budget service unavailable", code="budget_unavailable", headers={"Retry-After": "1"}
                 )
                 await response(scope, receive, send)
                 self._refused(ctx, 503)
                 return
-            logger.exception("request %s: budget backend failed; forwarding (fail open)", ctx.request_id)
             reserved = None
+        else:
+            if self._backend_failures.failing:
+                self._backend_failures.succeeded()
 
         if reserved is None:
             await self.app(scope, receive, send)
@@ -195,10 +208,12 @@ class BudgetMiddleware:
             crossings = await self.counters.settle(
                 reservation, event.total_cost_nanos, event.total_tokens, now
             )
-        except Exception:
+        except Exception as exc:
             # Nothing to tell the client any more; a remote backend expires the reservation on its own.
-            logger.exception("request %s: budget settlement failed", request_id)
+            self._settle_failures.failed(exc)
             return
+        if self._settle_failures.failing:
+            self._settle_failures.succeeded()
         if crossings and self.alerts is not None:
             for crossing in crossings:
                 self.alerts.notify(crossing)
