@@ -1,7 +1,7 @@
 """`build_app(config)`: the one place that knows the order of the stack.
 
 Proxied requests (`/v1/*`, `/v2/router/*`, `/v3/router/*`) go through the middleware stack, outermost
-first: Request -> Auth -> Routing -> Identity -> Budget -> Metering -> Upstream. Everything else (the
+first: Request -> Auth -> Body -> Routing -> Identity -> Budget -> Metering -> Upstream. Everything else (the
 management API, operations endpoints) is a Starlette app. The shared objects are a typed `Services` graph
 (`orq_proxy.services`); the lifespan runs `Services.running()` and the gate's drain on one exit stack.
 """
@@ -34,7 +34,7 @@ from orq_proxy.identities.middleware import IdentityMiddleware
 from orq_proxy.metering.middleware import MeteringMiddleware
 from orq_proxy.metering.prometheus import prometheus_route
 from orq_proxy.openapi import openapi_document
-from orq_proxy.proxy.request import PROXY_PREFIXES, RequestMiddleware, route_path
+from orq_proxy.proxy.request import PROXY_PREFIXES, BodyMiddleware, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.services import Services, build_services
@@ -176,15 +176,22 @@ def build_app(config: ProxyConfig, **services: Any) -> OrqProxy:
     # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
     app = IdentityMiddleware(app, store=s.identity_store)
     app = RoutingMiddleware(app, upstreams=config.upstreams.keys(), default=config.default_upstream)
-    app = AuthMiddleware(app, keyring=s.keyring)
-    # Outermost: request id, bounded body read, parse once; answers 500 if anything inside raises early.
-    app = RequestMiddleware(app, max_body_bytes=config.server.max_body_bytes, clock=s.clock)
+    app = BodyMiddleware(app, max_body_bytes=config.server.max_body_bytes)  # bounded read, parsed once
+    app = AuthMiddleware(app, keyring=s.keyring)  # from the headers: without a valid key no body is read
+    # Outermost: request id, context, dot-segment paths refused; answers 500 if anything inside raises early.
+    app = RequestMiddleware(app, clock=s.clock, read_body=False)
 
     # ---- management API and operations ----
     proxy: OrqProxy
     routes: list[BaseRoute] = [
         *_operations_routes(s, is_ready=lambda: proxy.ready),
-        prometheus_route(s.prom, s.bus, connections=s.upstream.connection_counts),
+        prometheus_route(
+            s.prom,
+            s.bus,
+            connections=s.upstream.connection_counts,
+            keyring=s.keyring,
+            access=config.server.metrics,
+        ),
         *identity_routes(
             keyring=s.keyring,
             store=s.identity_store,

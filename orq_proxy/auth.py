@@ -28,6 +28,9 @@ __all__ = [
     "keyring_from_config",
 ]
 
+# On a 401 to a request with a body: the server closes the connection rather than read the body to reuse it.
+_CLOSE = {"connection": "close"}
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -103,7 +106,10 @@ class KeyRing:
 class AuthMiddleware:
     """Proxied surface: `Authorization: Bearer <key>` -> `ctx.principal`, else 401 in OpenAI's shape.
 
-    Fails closed. The client's key is for this proxy only; the upstream layer never forwards it.
+    Fails closed. The client's key is for this proxy only; the upstream layer never forwards it. Only the
+    headers are looked at: `build_app` runs this before the body is read, so a caller without a valid key
+    never gets its body read (a 401 to a request with a body also says `connection: close`, so the
+    server drops the connection instead of reading the rest of the body to reuse it).
     """
 
     def __init__(self, app: ASGIApp, *, keyring: KeyRing) -> None:
@@ -127,11 +133,20 @@ class AuthMiddleware:
                 "missing or invalid API key: send Authorization: Bearer <key>",
                 type="authentication_error",
                 code="invalid_api_key",
+                headers=_CLOSE if _has_body(scope) else None,
             )
             await response(scope, receive, send)
             return
         get_context(scope).principal = principal
         await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero `Content-Length`, or `Transfer-Encoding`)."""
+    for key, value in scope["headers"]:
+        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
 
 
 def keyring_from_config(config: ProxyConfig) -> KeyRing:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from orq_proxy.auth import KeyRing, bearer_token
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.money import nanos_to_usd
 
@@ -268,10 +269,36 @@ def prometheus_route(
     bus: EventBus | None = None,
     path: str = "/metrics",
     connections: ConnectionCounts | None = None,
+    *,
+    keyring: KeyRing | None = None,
+    access: Literal["open", "admin"] = "admin",
 ) -> Route:
-    """A Starlette `Route` answering `GET path` with `prom.render(bus, connections)`."""
+    """A Starlette `Route` answering `GET path` with `prom.render(bus, connections)`.
+
+    Args:
+        keyring: the proxy's keys; None is open mode (no keys: every caller is admin).
+        access: `"admin"`: only an admin key, sent as `Authorization: Bearer <key>` (Prometheus'
+            `authorization` / `bearer_token` setting), may read it: 401 without a valid key, 403 for a
+            non-admin one, both plain text. `"open"`: anyone.
+    """
+    if access not in ("admin", "open"):
+        raise ValueError(f"access must be 'admin' or 'open', got {access!r}")
+    ring = keyring if keyring is not None else KeyRing()
+    guarded = access == "admin"  # in open mode `authenticate` makes every caller admin
 
     async def metrics(request: Request) -> Response:
+        if guarded:
+            principal = ring.authenticate(bearer_token(request.headers.get("authorization")))
+            if principal is None:
+                return PlainTextResponse(
+                    "missing or invalid API key: send Authorization: Bearer <admin key>\n",
+                    status_code=401,
+                    headers={"www-authenticate": 'Bearer realm="orq-proxy metrics"'},
+                )
+            if not principal.admin:
+                return PlainTextResponse(
+                    f'{path} needs an admin key ([server] metrics = "admin")\n', status_code=403
+                )
         return Response(prom.render(bus, connections), media_type=CONTENT_TYPE)
 
     return Route(path, metrics, methods=["GET"])

@@ -1,29 +1,45 @@
-"""The outermost layer of the proxied surface: request id, bounded body read, JSON parsed once.
+"""The outermost layers of the proxied surface: request id and context, then (after auth) the body.
 
-It reads the whole request body (up to `max_body_bytes`, else 413), parses a JSON object body once into
-the `RequestContext`, takes orq's `orq` extension object out of it (`ctx.orq`, where the slices read
-their own keys; it must never reach an upstream), and replays the body to the inner layers. Other
-orq-specific top-level fields are taken out by the slice they belong to. Every response gets
-`x-request-id`. If an inner layer raises before the response started, the client gets a 500 in OpenAI's
-shape and the exception propagates.
+`RequestMiddleware` gives every response `x-request-id`, creates the `RequestContext`, refuses a path with a
+`.` or `..` segment (400, encoded or not: it would reach the upstream as written) and answers 500 if an
+inner layer raises before the response started (the exception propagates). `BodyMiddleware` reads the
+whole request body (up to `max_body_bytes`, else 413), parses a JSON object body once into the context,
+takes orq's `orq` extension object out of it (`ctx.orq`, where the slices read their own keys; it must
+never reach an upstream), and replays the body to the inner layers. Other orq-specific top-level fields
+are taken out by the slice they belong to.
+
+`build_app` puts auth between the two, so an unauthenticated caller is refused from its headers before a
+byte of its body is read. `RequestMiddleware(app)` alone (`read_body=True`, the default) does both jobs.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orq_proxy.clock import Clock, SystemClock
-from orq_proxy.context import SCOPE_KEY, RequestContext
+from orq_proxy.context import SCOPE_KEY, RequestContext, get_context
 from orq_proxy.errors import openai_error
 from orq_proxy.ids import new_request_id
 from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 
-__all__ = ["PROXY_PREFIXES", "RequestMiddleware", "product_of", "route_path"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "PROXY_PREFIXES",
+    "BodyMiddleware",
+    "RequestMiddleware",
+    "has_dot_segment",
+    "product_of",
+    "route_path",
+]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 # Longest first: a path is matched against these in order.
 PROXY_PREFIXES = ("/v2/router", "/v3/router", "/v1")
@@ -36,6 +52,13 @@ _PRODUCTS = {
     "/moderations": "moderations",
     "/rerank": "rerank",
 }
+
+# A `.` or `..` segment, separated by `/` or by `\` (which some servers read as `/`), with or without a
+# `;param` suffix (servlet containers read `..;` as `..`).
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:;[^/\\]*)?(?=[/\\]|$)")
+# Percent-decoding rounds looked through: the server decoded `path` once; an upstream (or a proxy in front
+# of it) that decodes again would see `%252e%252e` as `..`.
+_DECODE_ROUNDS = 3
 
 
 def route_path(scope: Scope) -> str:
@@ -63,6 +86,23 @@ def _surface(path: str) -> tuple[str, str] | None:
     return None
 
 
+def has_dot_segment(path: str) -> bool:
+    """Whether the (decoded) path has a `.` or `..` segment, also when decoded again (`%2e%2e` in it; up to
+    `_DECODE_ROUNDS` more times)."""
+    if "." not in path and "%" not in path:  # the common case: nothing to look for
+        return False
+    for _ in range(_DECODE_ROUNDS):
+        if _DOT_SEGMENT.search(path):
+            return True
+        if "%" not in path:
+            return False
+        decoded = unquote(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return _DOT_SEGMENT.search(path) is not None
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -71,19 +111,25 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestMiddleware:
-    """Creates the request's `RequestContext`; see the module docstring.
+    """Request id, `RequestContext`, path check and the 500 guard; see the module docstring.
 
     Args:
         app: the next layer.
-        max_body_bytes: larger request bodies get 413.
+        max_body_bytes: larger request bodies get 413 (with `read_body`).
         clock: time source.
+        read_body: also read and parse the body here (a `BodyMiddleware` right inside). False: a
+            `BodyMiddleware` further in does it (`build_app` puts auth in between).
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = 32 * 1024 * 1024, clock: Clock | None = None):
-        if max_body_bytes < 1:
-            raise ValueError("max_body_bytes must be positive")
-        self.app = app
-        self.max_body_bytes = max_body_bytes
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        clock: Clock | None = None,
+        read_body: bool = True,
+    ):
+        self.app = BodyMiddleware(app, max_body_bytes=max_body_bytes) if read_body else app
         self.clock = clock or SystemClock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,25 +153,70 @@ class RequestMiddleware:
             response = openai_error(404, f"no proxied API at {path}", code="not_found")
             await response(scope, receive, send_with_request_id)
             return
-
-        body = await self._read_body(scope, receive, send_with_request_id)
-        if body is None:
+        if has_dot_segment(surface[1]):
+            # Forwarded as written, `/v1/../../admin` would reach `<base>/../../admin` with the upstream
+            # credential attached; no API path has such a segment, so it is refused rather than resolved.
+            raw: bytes | None = scope.get("raw_path")
+            shown = raw.decode("latin-1") if raw else path  # as the client wrote it (`%2e%2e` stays so)
+            shown = shown if len(shown) <= 200 else shown[:200] + "..."
+            response = openai_error(
+                400,
+                f"path {shown!r} has a '.' or '..' segment (encoded or not); it is not forwarded",
+                code="invalid_path",
+            )
+            await response(scope, receive, send_with_request_id)
             return
-        ctx = RequestContext(
+
+        scope[SCOPE_KEY] = RequestContext(
             request_id=request_id,
             received_at=self.clock.now(),
             started=self.clock.monotonic(),
             method=scope["method"],
             path=surface[1],
             surface=surface[0],
-            raw_body=body,
             product=product_of(surface[1]),
         )
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except Exception:
+            if response_started:
+                raise
+            logger.exception("request %s failed before its response started", request_id)
+            response = openai_error(500, "internal error in the proxy", type="api_error")
+            await response(scope, receive, send_with_request_id)
+            raise
+
+
+class BodyMiddleware:
+    """Reads the body once (413 past `max_body_bytes`), parses it into the `RequestContext`, replays it.
+
+    Runs inside `RequestMiddleware` (and, in `build_app`, inside auth: a caller without a valid key never
+    gets its body read).
+
+    Args:
+        app: the next layer.
+        max_body_bytes: larger request bodies get 413, checked on `Content-Length` first and while reading.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = get_context(scope)
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        ctx.raw_body = body
         error = _parse_body(ctx, _header(scope, b"content-type"))
         if error is not None:
-            await error(scope, receive, send_with_request_id)
+            await error(scope, receive, send)
             return
-        scope[SCOPE_KEY] = ctx
 
         replayed = False
 
@@ -136,15 +227,7 @@ class RequestMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        try:
-            await self.app(scope, receive_replayed, send_with_request_id)
-        except Exception:
-            if response_started:
-                raise
-            logger.exception("request %s failed before its response started", request_id)
-            response = openai_error(500, "internal error in the proxy", type="api_error")
-            await response(scope, receive, send_with_request_id)
-            raise
+        await self.app(scope, receive_replayed, send)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, or None after answering 413 (or when the client left)."""

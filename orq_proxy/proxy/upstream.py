@@ -51,9 +51,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Request headers never forwarded: hop-by-hop (RFC 9110 §7.6.1), recomputed ones, the client's
-# credentials for this proxy, and orq's own headers.
+# credentials for this proxy and its cookies (orq's own `x-orq-*` headers, names with `_` and the headers
+# `Connection` names are dropped in `_request_headers`).
 _DROP_REQUEST = frozenset(
     {
+        b"cookie",
         b"host",
         b"content-length",
         b"connection",
@@ -73,6 +75,21 @@ _DROP_REQUEST = frozenset(
         b"expect",
     }
 )
+# Where the request came from. Not trusted (the default): all are dropped, and X-Forwarded-For / Forwarded
+# name the peer alone. Trusted (a front proxy sets them): the peer is appended to the client's
+# X-Forwarded-For and Forwarded, and the others pass as sent.
+_FORWARDED_FOR = frozenset({b"x-forwarded-for", b"forwarded"})
+_FORWARDED_OTHER = frozenset(
+    {b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-prefix", b"x-real-ip"}
+)
+_DROP_TRUSTED = _DROP_REQUEST | _FORWARDED_FOR
+_DROP_UNTRUSTED = _DROP_TRUSTED | _FORWARDED_OTHER
+# `Connection` values that name no other header (the common `keep-alive`): nothing more to drop.
+_CONNECTION_PLAIN = frozenset({b"keep-alive", b"close", b""})
+# What `_request_headers` does with a request header, by name (cached per `UpstreamApp`, for at most
+# `_VERDICTS_MAX` names: header names are the client's to choose).
+_FORWARD, _DROP, _CONNECTION, _CHAIN = 0, 1, 2, 3
+_VERDICTS_MAX = 1024
 _DROP_RESPONSE = frozenset(
     {
         b"connection",
@@ -211,6 +228,9 @@ class UpstreamApp:
             first use (or by `startup()` from a lifespan) and made again if used after `aclose()`. A given
             forwarder is owned from then on: `aclose()` closes it.
         max_connections: size of the default connection pool, across all upstreams.
+        trust_forwarded_headers: the client's X-Forwarded-* / Forwarded / X-Real-IP come from a trusted
+            front proxy: the peer is appended to its X-Forwarded-For and Forwarded and the rest pass. False
+            (the default): they are dropped and X-Forwarded-For / Forwarded name the peer alone.
 
     The default pool keeps no cookies and decompresses nothing: bytes pass through as the upstream sent them.
 
@@ -224,11 +244,14 @@ class UpstreamApp:
         *,
         forwarder: Forwarder | None = None,
         max_connections: int = 1000,
+        trust_forwarded_headers: bool = False,
     ) -> None:
         if not targets:
             raise ValueError("at least one upstream target is needed")
         self.targets = dict(targets)
         self.max_connections = max_connections
+        self._trust_forwarded = trust_forwarded_headers
+        self._header_verdicts: dict[bytes, int] = {}
         self._injected = forwarder is not None
         self._forwarder = forwarder
         self._origins = {name: origin_of(t.base_url) for name, t in self.targets.items()}
@@ -237,6 +260,16 @@ class UpstreamApp:
             if t.api_key and any(c in t.api_key for c in "\r\n"):
                 raise ValueError(f"upstream {name!r}: api_key must not contain a line break")
             self._auth[name] = (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
+
+    @property
+    def trust_forwarded_headers(self) -> bool:
+        """Whether the client's X-Forwarded-* / Forwarded / X-Real-IP are a trusted front proxy's."""
+        return self._trust_forwarded
+
+    @trust_forwarded_headers.setter
+    def trust_forwarded_headers(self, trusted: bool) -> None:
+        self._trust_forwarded = trusted
+        self._header_verdicts = {}  # the verdicts depend on it
 
     @property
     def forwarder(self) -> Forwarder:
@@ -325,9 +358,7 @@ class UpstreamApp:
         query: bytes = scope.get("query_string", b"")
         if query:
             path += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
-        headers = [
-            (k, v) for k, v in scope["headers"] if k not in _DROP_REQUEST and not k.startswith(b"x-orq-")
-        ]
+        headers = _request_headers(scope, self._trust_forwarded, self._header_verdicts)
         headers.append((b"accept-encoding", b"identity"))
         auth = self._auth[provider]
         if auth is not None:
@@ -404,6 +435,78 @@ def _upstream_path(scope: Scope, ctx: RequestContext) -> str:
         if rest[:1] == b"/" and unquote(rest.decode("latin-1")) == ctx.path:
             return quote_from_bytes(rest, safe=_PATH_SAFE)
     return quote(ctx.path, safe=_PATH_SAFE)
+
+
+def _header_verdict(name: bytes, trusted: bool) -> int:
+    """What `_request_headers` does with a header of this (lower-case) name."""
+    if name == b"connection":
+        return _CONNECTION
+    if trusted and name in _FORWARDED_FOR:
+        return _CHAIN
+    # `95 in name` is `b"_" in name` (ord("_")) without the bytes-needle search's setup, ~15x faster.
+    if name in (_DROP_TRUSTED if trusted else _DROP_UNTRUSTED) or 95 in name or name.startswith(b"x-orq-"):
+        return _DROP
+    return _FORWARD
+
+
+def _request_headers(scope: Scope, trusted: bool, verdicts: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The client's headers as forwarded: `_DROP_REQUEST`, `x-orq-*`, names with `_` (some servers read
+    `transfer_encoding` as `transfer-encoding`) and the headers `Connection` names (hop-by-hop, RFC 9110
+    §7.6.1) dropped; X-Forwarded-For and Forwarded set from the peer (see `_DROP_UNTRUSTED`).
+
+    `verdicts` caches `_header_verdict` by name (for this `trusted`; at most `_VERDICTS_MAX` names): clients
+    send the same few names on every request, and one dict lookup is cheaper than the checks.
+    """
+    get = verdicts.get
+    out: list[tuple[bytes, bytes]] = []
+    connection: list[bytes] | None = None
+    chains: list[tuple[bytes, bytes]] = []  # trusted: the client's X-Forwarded-For / Forwarded lines
+    for k, v in scope["headers"]:
+        verdict = get(k)
+        if verdict is None:
+            verdict = _header_verdict(k, trusted)
+            if len(verdicts) < _VERDICTS_MAX:
+                verdicts[k] = verdict
+        if verdict == _FORWARD:
+            out.append((k, v))
+        elif verdict == _CONNECTION:
+            connection = [v] if connection is None else [*connection, v]
+        elif verdict == _CHAIN:
+            chains.append((k, v))
+    if connection is not None:
+        named = _connection_named(connection)
+        if named:
+            out = [(k, v) for k, v in out if k not in named]
+    client = scope.get("client")
+    ip = client[0].encode("latin-1") if client and client[0] else None
+    if not chains:  # the common case: the peer alone
+        if ip is not None:
+            out.append((b"x-forwarded-for", ip))
+            out.append((b"forwarded", _forwarded_for(ip)))
+        return out
+    xff = [v for k, v in chains if k == b"x-forwarded-for"]
+    forwarded = [v for k, v in chains if k == b"forwarded"]
+    if ip is not None:
+        xff.append(ip)
+        forwarded.append(_forwarded_for(ip))
+    if xff:
+        out.append((b"x-forwarded-for", b", ".join(xff)))
+    if forwarded:
+        out.append((b"forwarded", b", ".join(forwarded)))
+    return out
+
+
+def _forwarded_for(ip: bytes) -> bytes:
+    """`for=<ip>` for `Forwarded`; an IPv6 address is bracketed and quoted (RFC 7239). (58 is `:`.)"""
+    return b'for="[' + ip + b']"' if 58 in ip else b"for=" + ip
+
+
+def _connection_named(values: list[bytes]) -> frozenset[bytes]:
+    """The header names the `Connection` header(s) list, beyond the plain `keep-alive` / `close`."""
+    if len(values) == 1 and values[0].lower() in _CONNECTION_PLAIN:
+        return frozenset()
+    names = {name.strip().lower() for value in values for name in value.split(b",")}
+    return frozenset(names - _CONNECTION_PLAIN)
 
 
 # Built once (`json.dumps` with options builds an encoder per call).

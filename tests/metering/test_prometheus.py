@@ -110,3 +110,48 @@ async def test_route_serves_text_with_bus_stats() -> None:
     assert 'orq_proxy_sink_queue_depth{sink="memory"} 1' in resp.text
     assert 'orq_proxy_sink_events_dropped_total{sink="memory",reason="queue_full"} 1' in resp.text
     assert 'orq_proxy_unpriced_requests_total{provider="openai",model="gpt-4o"} 1' in resp.text
+
+
+ADMIN = "sk-metrics-admin"
+MEMBER = "sk-metrics-member"
+KEYS = [{"key": ADMIN, "admin": True}, {"key": MEMBER}]
+
+
+@pytest.mark.parametrize(
+    ("server", "key", "status"),
+    [
+        ({}, None, 401),
+        ({}, "sk-unknown", 401),
+        ({}, MEMBER, 403),
+        ({}, ADMIN, 200),
+        ({"metrics": "admin"}, MEMBER, 403),
+        ({"metrics": "open"}, None, 200),
+        ({"metrics": "open"}, MEMBER, 200),
+    ],
+    ids=["no-key", "unknown-key", "member", "admin", "admin-explicit", "open", "open-member"],
+)
+def test_metrics_access(proxy_factory: Any, server: dict[str, Any], key: str | None, status: int) -> None:
+    """With keys configured `/metrics` is for admin keys by default (401 plain text without a valid key, with
+    `WWW-Authenticate: Bearer`; 403 for a non-admin key); `metrics = "open"` serves anyone."""
+    _, proxy = proxy_factory({"api_keys": KEYS, "server": server})
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(proxy.url + "/metrics", headers=headers)
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.headers["content-type"] == CONTENT_TYPE and "orq_proxy_requests_total" in r.text
+    else:
+        assert r.headers["content-type"].startswith("text/plain") and "orq_proxy" not in r.text
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_metrics_open_without_keys(proxy_factory: Any) -> None:
+    """In open mode (no `[[api_keys]]`) every caller is admin, so `/metrics` answers anyone."""
+    _, proxy = proxy_factory()
+    assert httpx.get(proxy.url + "/metrics").status_code == 200
+
+
+def test_metrics_access_must_be_known() -> None:
+    """A policy other than `admin` or `open` is refused when the route is built."""
+    with pytest.raises(ValueError, match="access"):
+        prometheus_route(PrometheusMetrics(), access="public")  # type: ignore[arg-type]

@@ -181,6 +181,146 @@ async def test_request_headers_dropped_and_added() -> None:
     ]
 
 
+async def forwarded_headers(
+    headers: list[tuple[bytes, bytes]],
+    *,
+    client: tuple[str, int] | None = ("10.0.0.7", 5000),
+    trusted: bool = False,
+) -> list[tuple[bytes, bytes]]:
+    """The headers one request with `headers` from `client` reaches the forwarder with (minus the two the
+    upstream layer always adds)."""
+    forwarder = ScriptedForwarder(ScriptedAnswer())
+    app = UpstreamApp({"openai": TARGET}, forwarder=forwarder, trust_forwarded_headers=trusted)
+    ctx = context()
+    scope = http_scope(ctx, headers)
+    if client is not None:
+        scope["client"] = client
+    await app(scope, Client().receive, Client().send)
+    sent = forwarder.requests[0].headers
+    assert sent[-2:] == [(b"accept-encoding", b"identity"), (b"authorization", b"Bearer sk-up")]
+    return sent[:-2]
+
+
+@pytest.mark.parametrize(
+    ("connection", "kept"),
+    [
+        ([b"x-hop"], [b"x-other", b"x-keep"]),
+        ([b"keep-alive, X-Hop ,x-other"], [b"x-keep"]),
+        ([b"keep-alive", b"x-hop, x-other"], [b"x-keep"]),
+        ([b"Upgrade, x-hop,,"], [b"x-other", b"x-keep"]),
+        ([b"keep-alive"], [b"x-hop", b"x-other", b"x-keep"]),
+    ],
+)
+async def test_headers_named_in_connection_are_dropped(connection: list[bytes], kept: list[bytes]) -> None:
+    """Whatever `Connection` lists (any case, spacing, several header lines) is hop-by-hop: dropped."""
+    headers = [
+        (b"x-hop", b"1"),
+        (b"x-other", b"2"),
+        *((b"connection", c) for c in connection),
+        (b"x-keep", b"3"),
+    ]
+    sent = await forwarded_headers(headers, client=None)
+    assert [k for k, _ in sent] == kept
+
+
+async def test_underscore_names_and_cookie_are_dropped() -> None:
+    """Names with `_` (read as `-` by some servers: `transfer_encoding`) and the client's cookies stay here."""
+    headers = [
+        (b"transfer_encoding", b"chunked"),
+        (b"x_custom", b"1"),
+        (b"cookie", b"session=abc"),
+        (b"x-custom", b"2"),
+    ]
+    assert await forwarded_headers(headers, client=None) == [(b"x-custom", b"2")]
+
+
+SPOOFING = [
+    (b"content-type", b"application/json"),
+    (b"x-forwarded-for", b"198.51.100.1"),
+    (b"x-forwarded-for", b"198.51.100.2"),
+    (b"forwarded", b"for=198.51.100.1"),
+    (b"x-forwarded-proto", b"https"),
+    (b"x-forwarded-host", b"a.example"),
+    (b"x-forwarded-port", b"443"),
+    (b"x-forwarded-prefix", b"/api"),
+    (b"x-real-ip", b"198.51.100.1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("client", "trusted", "expected"),
+    [
+        (
+            ("10.0.0.7", 5000),
+            False,
+            [(b"x-forwarded-for", b"10.0.0.7"), (b"forwarded", b"for=10.0.0.7")],
+        ),
+        (
+            ("2001:db8::7", 5000),
+            False,
+            [(b"x-forwarded-for", b"2001:db8::7"), (b"forwarded", b'for="[2001:db8::7]"')],
+        ),
+        (None, False, []),
+        (
+            ("10.0.0.7", 5000),
+            True,
+            [
+                (b"x-forwarded-proto", b"https"),
+                (b"x-forwarded-host", b"a.example"),
+                (b"x-forwarded-port", b"443"),
+                (b"x-forwarded-prefix", b"/api"),
+                (b"x-real-ip", b"198.51.100.1"),
+                (b"x-forwarded-for", b"198.51.100.1, 198.51.100.2, 10.0.0.7"),
+                (b"forwarded", b"for=198.51.100.1, for=10.0.0.7"),
+            ],
+        ),
+        (
+            None,
+            True,
+            [
+                (b"x-forwarded-proto", b"https"),
+                (b"x-forwarded-host", b"a.example"),
+                (b"x-forwarded-port", b"443"),
+                (b"x-forwarded-prefix", b"/api"),
+                (b"x-real-ip", b"198.51.100.1"),
+                (b"x-forwarded-for", b"198.51.100.1, 198.51.100.2"),
+                (b"forwarded", b"for=198.51.100.1"),
+            ],
+        ),
+    ],
+    ids=["peer", "ipv6-peer", "no-peer", "trusted", "trusted-no-peer"],
+)
+async def test_forwarded_headers_from_the_peer(
+    client: tuple[str, int] | None, trusted: bool, expected: list[tuple[bytes, bytes]]
+) -> None:
+    """Not trusted: the client's forwarding headers are dropped and the peer alone is named (IPv6 quoted and
+    bracketed in `Forwarded`, RFC 7239). Trusted: the peer is appended to the client's chains (several
+    X-Forwarded-For lines joined in order) and the rest pass."""
+    sent = await forwarded_headers(SPOOFING, client=client, trusted=trusted)
+    assert sent == [(b"content-type", b"application/json"), *expected]
+
+
+async def test_header_verdicts_are_bounded_and_follow_the_trust_setting() -> None:
+    """The per-name cache holds at most `_VERDICTS_MAX` client-chosen names (the rest are still judged), and
+    changing `trust_forwarded_headers` on a used app takes effect at once."""
+    forwarder = ScriptedForwarder(ScriptedAnswer(), ScriptedAnswer(), ScriptedAnswer())
+    app = UpstreamApp({"openai": TARGET}, forwarder=forwarder)
+    many = [(f"x-name-{i}".encode(), b"1") for i in range(upstream_module._VERDICTS_MAX + 10)]
+    headers = [*many, (b"x_late", b"1"), (b"x-forwarded-for", b"198.51.100.1")]
+    scope = {**http_scope(context(), headers), "client": ("10.0.0.7", 5000)}
+    await app(scope, Client().receive, Client().send)
+    assert len(app._header_verdicts) == upstream_module._VERDICTS_MAX
+    names = [k for k, _ in forwarder.requests[0].headers]
+    assert names[: len(many)] == [k for k, _ in many] and b"x_late" not in names
+    assert (b"x-forwarded-for", b"10.0.0.7") in forwarder.requests[0].headers
+    app.trust_forwarded_headers = True
+    await app({**scope, "headers": headers[-1:]}, Client().receive, Client().send)
+    assert (b"x-forwarded-for", b"198.51.100.1, 10.0.0.7") in forwarder.requests[1].headers
+    app.trust_forwarded_headers = False
+    await app({**scope, "headers": headers[-1:]}, Client().receive, Client().send)
+    assert (b"x-forwarded-for", b"10.0.0.7") in forwarder.requests[2].headers
+
+
 async def test_response_headers_dropped_and_renamed() -> None:
     """Hop-by-hop response headers, `server` and `date` are dropped, names lowercased, and the upstream's
     `x-request-id` becomes `x-upstream-request-id` (`x-request-id` is the proxy's)."""
