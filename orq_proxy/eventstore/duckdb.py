@@ -499,6 +499,30 @@ class DuckDBEventStore:
             finally:
                 cur.close()
 
+    def insert_new(self, events: list[UsageEvent]) -> int:
+        """Insert those of `events` whose `event_id` the store does not hold yet; how many (blocking).
+
+        For the event spool's replay at startup, which may hold events already committed: one lookup of
+        their ids, then `insert`. Not atomic with other writers: call it before the sink bus starts.
+        """
+        if not events:
+            return 0
+        cur = self.cursor()
+        try:
+            rows = cur.execute(
+                f"SELECT event_id FROM {EVENTS_TABLE} WHERE event_id IN (SELECT unnest(?::VARCHAR[]))",
+                [[event.event_id for event in events]],
+            ).fetchall()
+        finally:
+            cur.close()
+        stored = {row[0] for row in rows}
+        new: dict[str, UsageEvent] = {}
+        for event in events:
+            if event.event_id not in stored:
+                new.setdefault(event.event_id, event)
+        self.insert(list(new.values()))
+        return len(new)
+
     def delete_before(self, cutoff: datetime) -> int:
         """Delete the events older than `cutoff` (aware, or naive UTC); how many were deleted (blocking).
 

@@ -6,6 +6,8 @@ so a slow, failing or hanging sink never holds back another sink, let alone a re
 (or does not finish within `write_timeout`) is retried with exponential backoff; after `max_attempts` it
 is dropped. Events that do not fit a full queue are dropped too. Every drop is counted (see `stats()`,
 exported on `/metrics`) and logged. `stop()` flushes what is queued, within its timeout.
+With a `spool` (`sinks/spool.py`), each event is first appended to a local file, which the first sink (the
+event store) acknowledges batch by batch, so a killed process loses none of them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from orq_proxy.usage.events import UsageEvent
 
 if TYPE_CHECKING:
     from orq_proxy.config import ProxyConfig
+    from orq_proxy.sinks.spool import EventSpool
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -126,6 +129,8 @@ class EventBus:
         max_attempts: tries per batch before it is dropped.
         backoff_initial, backoff_max: retry delays (seconds), doubling from the first up to the max.
         write_timeout: a `write` taking longer counts as failed (and is cancelled).
+        spool: an `EventSpool` every event is appended to before it is queued; the first sink's written
+            batches acknowledge it, and `stop()` closes it (`build_sinks` puts the event store first).
 
     Example:
         bus = EventBus([MemorySink(), JsonlSink("events.jsonl")])
@@ -143,6 +148,7 @@ class EventBus:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         write_timeout: float = 30.0,
+        spool: EventSpool | None = None,
     ) -> None:
         if max_queue < 1 or batch_size < 1 or max_attempts < 1:
             raise ValueError("max_queue, batch_size and max_attempts must be at least 1")
@@ -154,6 +160,7 @@ class EventBus:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.write_timeout = write_timeout
+        self.spool = spool
         self._queues: list[_SinkQueue] = []
         names: set[str] = set()
         for sink in sinks:
@@ -174,6 +181,8 @@ class EventBus:
     # -- request side --------------------------------------------------------------------------------
     def put_nowait(self, event: UsageEvent) -> None:
         """Queue `event` for every sink. Never blocks, never raises; a full queue drops (and counts) it."""
+        if self.spool is not None:
+            self.spool.append(event)
         for q in self._queues:
             if len(q.queue) >= q.max_queue:
                 q.stats.dropped_full += 1
@@ -234,6 +243,8 @@ class EventBus:
                 await asyncio.wait_for(q.sink.close(), timeout=max(self.write_timeout, 1.0))
             except Exception:
                 logger.exception("sink %s: close failed", q.stats.name)
+        if self.spool is not None:
+            self.spool.close()  # empties it if the event store got everything, else keeps it for replay
         self._running = False
 
     # -- observability -------------------------------------------------------------------------------
@@ -325,6 +336,10 @@ class EventBus:
                 delay = min(delay * 2, self.backoff_max)
             else:
                 q.stats.written += len(batch)
+                if self.spool is not None and q is self._queues[0]:
+                    # In order, by count: dropped events are never counted, so this can only lag, which
+                    # keeps a segment longer (its events are re-inserted idempotently at startup).
+                    self.spool.acknowledge(len(batch))
                 return
 
 
