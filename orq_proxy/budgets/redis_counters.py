@@ -13,20 +13,31 @@ Keys, per budget (the workspace is a hash tag, so a workspace's keys share a clu
   `reservation_ttl` seconds, giving their amounts back: reservations cannot leak for good.
 - `...:f`: set of alert ids fired in the current window.
 - `{prefix}{ws}:res:{id}`: exists while a reservation is open; settle/release delete it first, which makes
-  them happen once across replicas.
+  them happen once across replicas. It lives a day longer than the reservation, so a request that outlasts
+  `reservation_ttl` (its estimate already given back) is still charged its actual usage when it settles.
+- `{prefix}generation`: a random id written when the counters were (re)built. Redis that lost its dataset
+  (a restart without persistence, FLUSHALL, failover to an empty replica) has none: `reserve` and
+  `usage_many` then have the counters rebuilt from the ledger (`rebuild`, wired by the app; see
+  `ledger.rebuild_counters`) before they answer, and `restore` writes the rebuilt windows and the marker in
+  one script, only while the marker is still missing, so replicas rebuilding at once do not double-count.
+  (This one key is outside the workspace hash tags: the client is not a cluster client.)
 
 Lua numbers are doubles: amounts and counts compare exactly up to 2^53 (about 9 million USD in nano-USD);
 sums are kept with HINCRBY (64-bit integers).
 
 Failure policy: budgets fail closed. A Redis error propagates; the middleware answers 503 (or forwards when
-`fail_open`). A settlement that fails is logged; its reservation expires after `reservation_ttl`.
+`fail_open`). A settlement that fails is logged; its reservation expires after `reservation_ttl`. The client
+`redis_counters_from_url` builds has explicit socket and connect timeouts and no retries, so a stalled Redis
+fails a request within those timeouts whatever redis-py's defaults are. While a lost dataset is being rebuilt,
+requests wait for it (at most `REBUILD_WAIT_SECONDS`), then get 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ulid import ULID
@@ -43,11 +54,15 @@ from orq_proxy.budgets.counters import (
 from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
 from orq_proxy.budgets.periods import window
 from orq_proxy.errors import ServiceUnavailable
+from orq_proxy.usage.events import BudgetConsumption
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["RedisCounters", "redis_counters_from_url"]
+__all__ = ["REBUILD_WAIT_SECONDS", "RedisCounters", "redis_counters_from_url"]
+
+REBUILD_WAIT_SECONDS = 10.0  # a request waits this long for a lost dataset's rebuild, then gets 503
+_LATE_SETTLE_SECONDS = 86_400  # how long a reservation key outlives its reservation (late settlements)
 
 _COMMON = """
 local function roll(h, f, sig, start, expire_in)
@@ -72,16 +87,18 @@ local function sweep(h, rs, now)
 end
 """
 
-# KEYS: per budget h, rq, rs, f; then the reservation key.
-# ARGV: now, cost, tokens, id, ttl, n, then per budget: sig, start, expire_in, amount, token_limit, rpm (-1 = none).
+# KEYS: per budget h, rq, rs, f; then the reservation key, the generation marker.
+# ARGV: now, cost, tokens, id, ttl, n, reservation key expiry, then per budget: sig, start, expire_in, amount,
+# token_limit, rpm (-1 = none). Replies {1} admitted, {2} the marker is missing, {0, ...} refused.
 _RESERVE = (
     _COMMON
     + """
 local now, cost, tokens, rid, ttl, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('EXISTS', KEYS[4*n+2]) == 0 then return {2} end
 local nnow = tonumber(now)
 for i = 1, n do
   local h, rq, rs, f = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
-  local b = 6 + (i-1) * 6
+  local b = 7 + (i-1) * 6
   roll(h, f, ARGV[b+1], ARGV[b+2], ARGV[b+3])
   sweep(h, rs, nnow)
   redis.call('ZREMRANGEBYSCORE', rq, '-inf', nnow - 60)
@@ -111,7 +128,7 @@ for i = 1, n do
 end
 for i = 1, n do
   local h, rq, rs = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1]
-  local b = 6 + (i-1) * 6
+  local b = 7 + (i-1) * 6
   redis.call('HINCRBY', h, 'rn', cost)
   redis.call('HINCRBY', h, 'rt', tokens)
   redis.call('ZADD', rq, now, rid)
@@ -119,7 +136,7 @@ for i = 1, n do
   redis.call('ZADD', rs, nnow + ttl, rid .. '|' .. cost .. '|' .. tokens .. '|' .. ARGV[b+2])
   redis.call('EXPIRE', rs, ttl + 60)
 end
-redis.call('SET', KEYS[4*n+1], '1', 'EX', ttl)
+redis.call('SET', KEYS[4*n+1], '1', 'EX', ARGV[7])
 return {1}
 """
 )
@@ -189,6 +206,31 @@ return 1
 )
 
 
+# KEYS: the generation marker, then per budget h, rq, rs, f.
+# ARGV: new generation, n, then per budget: sig, start, expire_in, spent nano-USD, tokens, request count r,
+# r request times, fired alert count k, k alert ids. Replies 1 restored, 0 the marker was there (nothing written).
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[2])
+local a = 3
+for i = 1, n do
+  local h, rq, rs, f = KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i], KEYS[4*i+1]
+  redis.call('DEL', h, rq, rs, f)
+  redis.call('HSET', h, 'sig', ARGV[a], 'start', ARGV[a+1], 'sn', ARGV[a+3], 'st', ARGV[a+4], 'rn', 0, 'rt', 0)
+  if ARGV[a+2] ~= '' then redis.call('EXPIRE', h, ARGV[a+2]) end
+  local r = tonumber(ARGV[a+5])
+  for j = 1, r do redis.call('ZADD', rq, ARGV[a+5+j], 'restored:' .. j) end
+  if r > 0 then redis.call('EXPIRE', rq, 120) end
+  a = a + 6 + r
+  local k = tonumber(ARGV[a])
+  for j = 1, k do redis.call('SADD', f, ARGV[a+j]) end
+  a = a + 1 + k
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 def _num(value: Any) -> int:
     """A Lua reply number (bytes/str/int, possibly '1.5e+18') as an int."""
     if isinstance(value, bytes):
@@ -233,8 +275,14 @@ class RedisCounters:
     Args:
         client: a `redis.asyncio.Redis`.
         prefix: key prefix.
-        reservation_ttl: seconds after which an unsettled reservation is given back (longer than any
-            request may take, streams included).
+        reservation_ttl: seconds after which an unsettled reservation's estimate is given back (the app
+            derives it from the upstreams' timeouts: see `[budgets] reservation_ttl`). A request that
+            settles later is still charged its actual usage.
+
+    Attributes:
+        rebuild: called when Redis has no generation marker (it lost its dataset); it should
+            `restore` the counters from the ledger. The app sets it; None writes a fresh marker (counters
+            start from zero, as with no ledger).
 
     Example:
         counters = RedisCounters(redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0"))
@@ -248,10 +296,14 @@ class RedisCounters:
         self.client = client
         self.prefix = prefix
         self.reservation_ttl = reservation_ttl
+        self.generation_key = prefix + "generation"
+        self.rebuild: Callable[[], Awaitable[object]] | None = None
+        self._rebuilding: asyncio.Task[None] | None = None
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._release = client.register_script(_RELEASE)
         self._reset = client.register_script(_RESET)
+        self._restore = client.register_script(_RESTORE)
 
     # -- keys and windows --------------------------------------------------------------------------------
     def _base(self, budget: Budget) -> str:
@@ -270,15 +322,82 @@ class RedisCounters:
         expire_in = str(max(1, int((end - now).total_seconds()) + 86_400)) if end is not None else ""
         return sig, str(int(start.timestamp())), expire_in, start, end
 
-    # -- protocol ----------------------------------------------------------------------------------------
+    # -- a lost dataset -----------------------------------------------------------------------------------
     @_unavailable_on_error
+    async def generation(self) -> str | None:
+        """The generation marker (None: Redis lost its dataset, or the counters were never built)."""
+        value = await self.client.get(self.generation_key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    @_unavailable_on_error
+    async def restore(self, consumed: Sequence[tuple[Budget, BudgetConsumption]], now: datetime) -> bool:
+        """Set each budget's current window from the ledger and write a new generation marker, in one
+        script, only if the marker is still missing; True if this call restored, False if the marker was
+        already there (another replica restored first, or the dataset was never lost).
+
+        Reservations in flight are dropped (Redis lost them); alerts whose threshold the restored spend
+        reached count as fired, so they are not sent again.
+        """
+        keys = [self.generation_key]
+        args: list[Any] = [str(ULID()), len(consumed)]
+        floor = now.timestamp() - RATE_WINDOW_SECONDS
+        for budget, usage in consumed:
+            base = self._base(budget)
+            keys += [base + ":h", base + ":rq", base + ":rs", base + ":f"]
+            sig, start, expire_in, _s, _e = self._window(budget, now)
+            times = [repr(t) for t in usage.request_times if t > floor]
+            fired = [
+                a.id
+                for a in budget.alerts
+                if a.dimension == ALERT_DIMENSION_COST
+                and budget.amount_nanos
+                and usage.cost_nanos * 100 >= a.threshold_percent * budget.amount_nanos
+            ]
+            args += [sig, start, expire_in, usage.cost_nanos, usage.tokens, len(times), *times]
+            args += [len(fired), *fired]
+        return _num(await self._restore(keys=keys, args=args)) == 1
+
+    async def _rebuilt(self) -> None:
+        """Have the counters rebuilt (one rebuild per replica at a time; callers share it), waiting at most
+        `REBUILD_WAIT_SECONDS`; `ServiceUnavailable` when it fails or takes longer."""
+        task = self._rebuilding
+        if task is None or task.done():
+            task = self._rebuilding = asyncio.create_task(self._run_rebuild())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), REBUILD_WAIT_SECONDS)
+        except ServiceUnavailable:
+            raise
+        except Exception as exc:  # (TimeoutError included: the rebuild goes on for the next caller)
+            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+
+    async def _run_rebuild(self) -> None:
+        if self.rebuild is None:
+            await self.restore([], datetime.now(UTC))  # nothing to rebuild from: start at zero
+        else:
+            await self.rebuild()
+
+    # -- protocol ----------------------------------------------------------------------------------------
     async def reserve(
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
     ) -> Reservation | Rejection:
+        result = await self._try_reserve(workspace, budgets, cost_nanos, tokens, now)
+        if result is None:  # Redis lost its dataset: rebuild the counters, then try once more
+            await self._rebuilt()
+            result = await self._try_reserve(workspace, budgets, cost_nanos, tokens, now)
+            if result is None:
+                raise ServiceUnavailable(
+                    "budget counters (Redis)", RuntimeError("the counters are being rebuilt")
+                )
+        return result
+
+    @_unavailable_on_error
+    async def _try_reserve(
+        self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
+    ) -> Reservation | Rejection | None:
         reservation_id = str(ULID())
         keys: list[str] = []
         args: list[Any] = [repr(now.timestamp()), cost_nanos, tokens, reservation_id, self.reservation_ttl]
-        args.append(len(budgets))
+        args += [len(budgets), self.reservation_ttl + _LATE_SETTLE_SECONDS]
         windows = []
         for budget in budgets:
             base = self._base(budget)
@@ -293,8 +412,10 @@ class RedisCounters:
                 -1 if budget.token_limit is None else budget.token_limit,
                 -1 if budget.requests_per_minute is None else budget.requests_per_minute,
             ]
-        keys.append(self._reservation_key(workspace, reservation_id))
+        keys += [self._reservation_key(workspace, reservation_id), self.generation_key]
         reply = cast(list[Any], await self._reserve(keys=keys, args=args))
+        if _num(reply[0]) == 2:
+            return None
         if _num(reply[0]) == 1:
             parts = tuple(ReservedBudget(b, float(w[0])) for b, w in zip(budgets, windows, strict=True))
             return Reservation(reservation_id, workspace, parts, cost_nanos, tokens)
@@ -379,27 +500,38 @@ class RedisCounters:
     async def usage(self, budget: Budget, now: datetime) -> Usage:
         return (await self.usage_many([budget], now))[0]
 
-    @_unavailable_on_error
     async def usage_many(self, budgets: Sequence[Budget], now: datetime) -> list[Usage]:
         if not budgets:
             return []
-        floor = now.timestamp() - RATE_WINDOW_SECONDS
-        async with self.client.pipeline(transaction=False) as pipe:
-            for budget in budgets:
-                base = self._base(budget)
-                pipe.hmget(base + ":h", ["sig", "start", "sn", "st"])
-                pipe.zcount(base + ":rq", f"({floor!r}", "+inf")
-            replies = await pipe.execute()
+        replies = await self._read_usage(budgets, now)
+        if not replies[0]:  # Redis lost its dataset: show the rebuilt counters, not zeros
+            await self._rebuilt()
+            replies = await self._read_usage(budgets, now)
         out = []
         for i, budget in enumerate(budgets):
-            sig, start, spent, tokens = (v.decode() if isinstance(v, bytes) else v for v in replies[2 * i])
-            requests = int(replies[2 * i + 1])
+            sig, start, spent, tokens = (
+                v.decode() if isinstance(v, bytes) else v for v in replies[2 * i + 1]
+            )
+            requests = int(replies[2 * i + 2])
             want_sig, want_start, *_ = self._window(budget, now)
             if sig != want_sig or start is None or int(start) < int(want_start):
                 out.append(Usage(0, 0, requests))  # the stored window is over (or the period changed)
             else:
                 out.append(Usage(_num(spent), _num(tokens), requests))
         return out
+
+    @_unavailable_on_error
+    async def _read_usage(self, budgets: Sequence[Budget], now: datetime) -> list[Any]:
+        """One pipeline: whether the generation marker exists, then per budget its hash fields and
+        requests in the rate window."""
+        floor = now.timestamp() - RATE_WINDOW_SECONDS
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.generation_key)
+            for budget in budgets:
+                base = self._base(budget)
+                pipe.hmget(base + ":h", ["sig", "start", "sn", "st"])
+                pipe.zcount(base + ":rq", f"({floor!r}", "+inf")
+            return await pipe.execute()
 
     @_unavailable_on_error
     async def reset(self, budget: Budget, now: datetime) -> None:
@@ -429,21 +561,45 @@ class RedisCounters:
 
     async def aclose(self) -> None:
         """Close the Redis client (lifespan shutdown)."""
+        task = self._rebuilding
+        if task is not None and not task.done():
+            task.cancel()
         await self.client.aclose()
 
 
 def redis_counters_from_url(
-    url: str, *, prefix: str = "orq:budget:", max_connections: int = 64
+    url: str,
+    *,
+    prefix: str = "orq:budget:",
+    max_connections: int = 64,
+    socket_timeout: float = 2.0,
+    connect_timeout: float = 2.0,
+    reservation_ttl: int = 3600,
 ) -> RedisCounters:
     """`RedisCounters` for a `redis://` / `rediss://` URL; says how to install the extra if redis is missing.
 
-    The pool blocks (up to 20 s) when all `max_connections` are busy instead of failing the request.
+    Every command gives up after `socket_timeout` (connecting after `connect_timeout`) and is not retried
+    on a timeout (redis-py 6+ retries them by default, 5.x waits forever), so a stalled Redis fails a request
+    closed within those seconds; a closed connection is retried once, on a new one. The pool blocks when all `max_connections` are busy, for at most the two timeouts
+    together. Options in the URL's query (`?socket_timeout=5`) win over these arguments.
     """
     try:
         from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
     except ImportError as exc:  # pragma: no cover - redis is installed in development
         raise ValueError(
             f"[storage] counters {url!r} needs the redis client: pip install 'orq-proxy[redis]'"
         ) from exc
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20)
-    return RedisCounters(Redis(connection_pool=pool), prefix=prefix)
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout + connect_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry_on_timeout=False,
+        # Once, on a closed connection only (a pooled one that a Redis restart cut): never on a timeout.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
+    return RedisCounters(Redis(connection_pool=pool), prefix=prefix, reservation_ttl=reservation_ttl)

@@ -1,11 +1,17 @@
 """Budget test fixtures: `make_budget(...)` builds internal `Budget` records; `counters` is each `Counters`
-backend in turn (in memory, and Redis at 127.0.0.1:6379 under a random key prefix, cleaned up)."""
+backend in turn (in memory, and Redis at 127.0.0.1:6379 under a random key prefix, cleaned up); `own_redis`
+is a throwaway `redis-server` on a free port for fault tests (the machine's Redis on 6379 is never stopped)."""
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,3 +108,75 @@ async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Counters]:
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+class OwnRedis:
+    """A throwaway `redis-server` on a fixed free port, which the test can stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server): fault tests need it")
+        self.binary = binary
+        self.workdir = workdir
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # (a paused server cannot act on SIGTERM)
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a stalled Redis)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    yield redis
+    redis.stop()
