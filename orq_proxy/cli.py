@@ -37,11 +37,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def run_server(app: OrqProxy, *, log_level: str = "info", access_log: bool = False) -> None:
-    """Serve a built proxy the way `orq-proxy serve` does: uvicorn (uvloop and httptools when installed)
-    on `[server] host/port`, and the garbage collector tuned after startup (`[server] gc_threshold`)."""
+    """Serve a built proxy the way `orq-proxy serve` does: uvicorn (uvloop when installed, httptools with
+    `[server]`'s header and read limits) on `[server] host/port`, and the garbage collector tuned after
+    startup (`[server] gc_threshold`)."""
     import uvicorn
 
     from orq_proxy.app import tune_gc, untune_gc
+    from orq_proxy.proxy.server import uvicorn_options
 
     config = app.config
     threshold = config.server.gc_threshold
@@ -55,17 +57,12 @@ def run_server(app: OrqProxy, *, log_level: str = "info", access_log: bool = Fal
 
         app.on_startup(gc_after_startup)
         app.on_shutdown(gc_at_shutdown)
-    kwargs: dict[str, object] = {}
+    # httptools with `[server]`'s header size and count caps and read deadline (orq_proxy/proxy/server.py)
+    kwargs: dict[str, object] = uvicorn_options(config.server)
     try:
         import uvloop  # noqa: F401
 
         kwargs["loop"] = "uvloop"
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import httptools  # noqa: F401
-
-        kwargs["http"] = "httptools"
     except ImportError:  # pragma: no cover
         pass
     uvicorn.run(

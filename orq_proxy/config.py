@@ -49,6 +49,32 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Request bodies above this get 413.")
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1,
+        description="Request line and headers together; a longer head gets 431 before more is buffered.",
+    )
+    max_headers: int = Field(100, ge=1, description="Header fields per request; more get 431.")
+    request_read_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds from a request's first byte until its headers and body have all arrived "
+        "(one deadline, not reset by progress); 408 and close after.",
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle connection (no request in progress) stays open."
+    )
+    metrics: Literal["open", "admin"] = Field(
+        "admin",
+        description='Who may read /metrics: "admin" (an admin key as a bearer token; everyone in open mode, '
+        'where every caller is admin) or "open" (anyone).',
+    )
+    trust_forwarded_headers: bool = Field(
+        False,
+        description="true: the client's X-Forwarded-For / Forwarded come from a trusted front proxy and are "
+        "forwarded with the peer appended (X-Forwarded-Proto/-Host/-Port/-Prefix, X-Real-IP kept); false: "
+        "all of them are dropped and X-Forwarded-For / Forwarded name the peer alone.",
+    )
     gc_threshold: int = Field(
         10_000,
         ge=0,
@@ -119,9 +145,18 @@ class ApiKeyConfig(_Section):
 class StorageConfig(_Section):
     state: str = "memory"
     events: str = "duckdb://:memory:"
+    spool: str = Field(
+        "auto",
+        description='Directory of the crash spool of settled events: "auto" (`<events file>.spool` for a '
+        'file event store, off for in-memory events), "off", or a path.',
+    )
     counters: str = Field(
         "memory", description='Budget counters: "memory", or "redis://host:6379/0" shared by replicas.'
     )
+    redis_socket_timeout: float = Field(
+        2.0, gt=0, description="Seconds a Redis command may take before the request fails closed (503)."
+    )
+    redis_connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to Redis.")
 
     @field_validator("counters")
     @classmethod
@@ -151,6 +186,12 @@ class NotifierConfig(_Section):
 class BudgetsConfig(_Section):
     default_max_output_tokens: int = Field(4096, ge=1)
     fail_open: bool = False
+    reservation_ttl: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds after which an unsettled reservation is given back (Redis counters); default: "
+        "the longest connect_timeout + headers_timeout + read_timeout of the upstreams.",
+    )
 
 
 class ReportingConfig(_Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,10 +24,11 @@ from orq_proxy.budgets.alerts import AlertDispatcher
 from orq_proxy.budgets.api import BudgetIdentityHooks
 from orq_proxy.budgets.counters import Counters, InMemoryCounters
 from orq_proxy.budgets.ledger import rebuild_counters
-from orq_proxy.budgets.redis_counters import redis_counters_from_url
+from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
 from orq_proxy.budgets.store import BudgetStore, budget_store_from_url
 from orq_proxy.clock import Clock, SystemClock
 from orq_proxy.config import ProxyConfig
+from orq_proxy.errors import ServiceUnavailable
 from orq_proxy.eventstore import EventStore, event_store_from_url
 from orq_proxy.eventstore.duckdb import parse_events_url
 from orq_proxy.identities.api import IdentityBudgetHooks
@@ -35,6 +37,7 @@ from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.metering.prometheus import PrometheusMetrics
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
+from orq_proxy.sinks.spool import EventSpool, IdempotentEventWriter
 from orq_proxy.usage.pricing import Pricer
 
 __all__ = ["Services", "build_services"]
@@ -89,12 +92,15 @@ class Services:
             on_exit(self.budget_counters.aclose)
             await self.upstream.startup()
             on_exit(self.upstream.aclose)
+            await self._replay_spool()  # first: the rebuilds below read the events it recovers
             await self._seed_identity_metrics()
             prune = _Periodic(3600.0, self.identity_metrics.prune)  # rings idle for the whole window
             await prune.start()
             on_exit(prune.stop)
             if isinstance(self.budget_counters, InMemoryCounters):
                 await self._rebuild_budget_counters(self.budget_counters)
+            elif isinstance(self.budget_counters, RedisCounters):
+                await self._watch_redis_counters(self.budget_counters)
             await self.budget_alerts.start()
             on_exit(self.budget_alerts.aclose)
             await self.bus.start()
@@ -103,6 +109,24 @@ class Services:
             await retention.start()
             on_exit(retention.stop)
             yield
+
+    async def _replay_spool(self) -> None:
+        """Insert the spooled events a killed process left into the event store (those it lacks), then
+        start the spool; the bus closes it at shutdown."""
+        spool = self.bus.spool
+        if spool is None:
+            return
+        events = await asyncio.to_thread(spool.recover)
+        if events:
+            if not isinstance(self.event_store, IdempotentEventWriter):
+                raise TypeError("[storage] spool needs an event store with insert_new")
+            added = await asyncio.to_thread(self.event_store.insert_new, events)
+            logger.warning(
+                "event spool: recovered %d events of a previous process, %d were not in the event store",
+                len(events),
+                added,
+            )
+        await asyncio.to_thread(spool.start)
 
     async def _seed_identity_metrics(self) -> None:
         """The 30-day rings from the events already stored (a file store keeps include_metrics)."""
@@ -116,6 +140,24 @@ class Services:
         restored = await rebuild_counters(self.budget_store, counters, self.event_store, self.clock.now())
         if restored:
             logger.info("budgets: rebuilt the counters of %d budgets from the event store", restored)
+
+    async def _watch_redis_counters(self, counters: RedisCounters) -> None:
+        """Redis counters are rebuilt from the ledger when Redis has lost its dataset: now, if it has, and
+        whenever a request finds its generation marker gone. Redis down at startup is not fatal: the
+        first request that reaches it rebuilds (until then requests get 503)."""
+
+        async def rebuild() -> None:
+            restored = await rebuild_counters(self.budget_store, counters, self.event_store, self.clock.now())
+            if restored:
+                logger.warning(
+                    "budgets: Redis had lost its counters; rebuilt %d budgets from the event store", restored
+                )
+
+        counters.rebuild = rebuild
+        try:
+            await rebuild()
+        except ServiceUnavailable as exc:
+            logger.warning("budgets: %s; the counters will be checked again on the first request", exc)
 
     def _apply_retention(self) -> None:
         """Delete events older than `[reporting] retention_days` (blocking: runs in a worker thread)."""
@@ -163,13 +205,17 @@ def build_services(
     _warn_about_credentials(config)
     storage = config.storage
     budget_store = budget_store or budget_store_from_url(storage.state)  # the identities' SQLite file too
-    budget_counters = budget_counters or _budget_counters(storage.counters)
+    budget_counters = budget_counters or _budget_counters(config)
     return Services(
         config=config,
         clock=clock,
         keyring=keyring,
         event_store=event_store,
-        upstream=upstream or UpstreamApp(targets_from_config(config.upstreams)),
+        upstream=upstream
+        or UpstreamApp(
+            targets_from_config(config.upstreams),
+            trust_forwarded_headers=config.server.trust_forwarded_headers,
+        ),
         identity_store=identity_store or identity_store_from_url(storage.state, clock=clock),
         identity_metrics=identity_metrics or IdentityMetrics(clock=clock),
         budget_store=budget_store,
@@ -186,16 +232,44 @@ def build_services(
             prices_as={name: up.prices_as for name, up in config.upstreams.items()},
         ),
         # The event store first (what reporting reads), then `[[sinks]]`, then `sinks` passed here.
-        bus=bus or EventBus([*build_sinks(config, event_store), *sinks]),
+        bus=bus or EventBus([*build_sinks(config, event_store), *sinks], spool=_spool(config)),
         prom=prom or PrometheusMetrics(),
     )
 
 
-def _budget_counters(url: str) -> Counters:
+def _spool(config: ProxyConfig) -> EventSpool | None:
+    """`[storage] spool`: "auto" is `<events file>.spool` for a file event store and off in memory (an
+    in-memory store loses every event at exit anyway)."""
+    setting = config.storage.spool
+    if setting == "off":
+        return None
+    if setting == "auto":
+        path = parse_events_url(config.storage.events)
+        return None if path == ":memory:" else EventSpool(path + ".spool")
+    return EventSpool(setting)
+
+
+def _budget_counters(config: ProxyConfig) -> Counters:
     """`[storage] counters`: in memory, or Redis shared by replicas (the optional `redis` extra)."""
-    if url == "memory":
+    storage = config.storage
+    if storage.counters == "memory":
         return InMemoryCounters()
-    return redis_counters_from_url(url)
+    return redis_counters_from_url(
+        storage.counters,
+        socket_timeout=storage.redis_socket_timeout,
+        connect_timeout=storage.redis_connect_timeout,
+        reservation_ttl=_reservation_ttl(config),
+    )
+
+
+def _reservation_ttl(config: ProxyConfig) -> int:
+    """`[budgets] reservation_ttl`, or the longest an upstream lets a request wait for its connection, its
+    headers and a body chunk (what a request that is not streaming can take; a longer stream is still
+    charged when it settles, see `redis_counters.py`)."""
+    if config.budgets.reservation_ttl is not None:
+        return config.budgets.reservation_ttl
+    bounds = [u.connect_timeout + u.headers_timeout + u.read_timeout for u in config.upstreams.values()]
+    return math.ceil(max(bounds, default=3600.0))
 
 
 def _warn_about_credentials(config: ProxyConfig) -> None:

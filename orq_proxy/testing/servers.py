@@ -12,11 +12,17 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from orq_proxy.config import ProxyConfig, ServerConfig
+from orq_proxy.proxy.server import uvicorn_options
+
 __all__ = ["ServerThread", "serve_in_thread"]
 
 
 class ServerThread:
     """A uvicorn server on 127.0.0.1 in its own thread and event loop.
+
+    It runs the protocol `orq-proxy serve` does, with the header and read limits of the app's `[server]`
+    section when the app is a built proxy (`app.config`), else the defaults; `uvicorn_kwargs` override.
 
     Example:
         with serve_in_thread(app) as server:
@@ -26,7 +32,10 @@ class ServerThread:
     def __init__(
         self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs: Any
     ) -> None:
+        config = getattr(app, "config", None)
+        server = config.server if isinstance(config, ProxyConfig) else ServerConfig()
         kwargs: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "loop": "asyncio"}
+        kwargs.update(uvicorn_options(server))
         kwargs.update(uvicorn_kwargs)
         self.config = uvicorn.Config(app, host=host, port=port, **kwargs)
         self.server = uvicorn.Server(self.config)
