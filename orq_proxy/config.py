@@ -200,6 +200,12 @@ class ReportingConfig(_Section):
         ge=1,
         description="Days of usage events kept: reports reach no further back; older events are deleted.",
     )
+    memory_events_max: int = Field(
+        1_000_000,
+        ge=1000,
+        description="With events in memory, the most kept (~370 B each); past it the oldest are dropped, "
+        "counted and logged.",
+    )
 
 
 class ProxyConfig(_Section):

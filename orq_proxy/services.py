@@ -200,7 +200,9 @@ def build_services(
         logger.warning(
             "no [[api_keys]] configured: OPEN MODE, every caller is an admin of workspace 'default'"
         )
-    event_store = event_store or event_store_from_url(config.storage.events)
+    event_store = event_store or event_store_from_url(
+        config.storage.events, memory_events_max=config.reporting.memory_events_max
+    )
     _warn_about_lifetimes(config)
     _warn_about_credentials(config)
     storage = config.storage
@@ -297,6 +299,13 @@ def _warn_about_lifetimes(config: ProxyConfig) -> None:
         logger.warning(
             "[storage] events are in memory: budgets survive a restart but their spend starts again at "
             'zero (it is rebuilt from the event store); set events = "duckdb:///<path>" to keep it'
+        )
+    if parse_events_url(storage.events) == ":memory:":
+        logger.info(
+            "usage events are kept in memory: at most %d ([reporting] memory_events_max, ~370 B each; the "
+            "oldest are dropped past it) for %d days, gone at exit",
+            config.reporting.memory_events_max,
+            config.reporting.retention_days,
         )
 
 

@@ -40,11 +40,12 @@ class EventStore(ReportSource, EventRetention, IdentityHistory, BudgetLedger, Pr
         ...
 
 
-def event_store_from_url(url: str) -> EventStore:
-    """The store named by `[storage] events`: `duckdb://:memory:` or `duckdb:///abs/path.duckdb`.
+def event_store_from_url(url: str, *, memory_events_max: int | None = None) -> EventStore:
+    """The store named by `[storage] events`: `duckdb://:memory:` or `duckdb:///abs/path.duckdb`; an
+    in-memory one keeps at most `memory_events_max` events (the oldest go first).
 
     Raises ValueError for anything else, naming the URL.
     """
     from orq_proxy.eventstore.duckdb import DuckDBEventStore  # the only backend so far
 
-    return DuckDBEventStore.from_url(url)
+    return DuckDBEventStore.from_url(url, max_events=memory_events_max)

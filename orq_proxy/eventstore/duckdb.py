@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +54,8 @@ __all__ = [
     "event_row",
     "parse_events_url",
 ]
+
+logger = logging.getLogger(__name__)
 
 EVENTS_TABLE = "usage_events"
 
@@ -443,12 +446,18 @@ class DuckDBEventStore:
 
     Args:
         path: `:memory:` or a file path (see `parse_events_url`).
+        max_events: in memory only, the most events kept: past it (by a tenth, so trims are rare) the oldest
+            are deleted down to it and counted in `dropped_events`. None keeps everything (a file store
+            is bounded by retention instead).
     """
 
-    def __init__(self, path: str = ":memory:") -> None:
+    def __init__(self, path: str = ":memory:", *, max_events: int | None = None) -> None:
         self.path = path
         self._conn = duckdb.connect(path)
         self._lock = threading.Lock()
+        self.max_events = max_events if path == ":memory:" else None
+        self.dropped_events = 0
+        self._rows = 0  # kept only when bounded (an in-memory store starts empty)
         cols = ", ".join(
             f"{name} {kind}" + (f" DEFAULT {COLUMN_DEFAULTS[name]}" if name in COLUMN_DEFAULTS else "")
             for name, kind in EVENT_COLUMNS.items()
@@ -462,9 +471,9 @@ class DuckDBEventStore:
             self._conn.execute(f"ALTER TABLE {EVENTS_TABLE} ALTER COLUMN {name} SET DEFAULT {default}")
 
     @classmethod
-    def from_url(cls, url: str) -> DuckDBEventStore:
+    def from_url(cls, url: str, *, max_events: int | None = None) -> DuckDBEventStore:
         """The store of `[storage] events` (`duckdb://:memory:` or `duckdb:///abs/path.duckdb`)."""
-        return cls(parse_events_url(url))
+        return cls(parse_events_url(url), max_events=max_events)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for the calling thread (DuckDB cursors are per-thread handles on one database).
@@ -496,8 +505,31 @@ class DuckDBEventStore:
                 except BaseException:
                     cur.rollback()
                     raise
+                if self.max_events is not None:
+                    self._rows += len(events)
+                    if self._rows > self.max_events + self.max_events // 10:
+                        self._trim(cur, self.max_events)
             finally:
                 cur.close()
+
+    def _trim(self, cur: duckdb.DuckDBPyConnection, keep: int) -> None:
+        """Delete the oldest events down to `keep` (under the lock); count and say what went."""
+        excess = self._rows - keep
+        row = cur.execute(
+            f"DELETE FROM {EVENTS_TABLE} WHERE ts < (SELECT ts FROM {EVENTS_TABLE} ORDER BY ts LIMIT 1 OFFSET ?)",
+            [excess],
+        ).fetchone()
+        deleted = int(row[0]) if row else 0
+        self._rows -= deleted
+        first = self.dropped_events == 0
+        self.dropped_events += deleted
+        (logger.warning if first else logger.info)(
+            "in-memory event store: dropped the %d oldest events to keep %d (%d dropped in all); "
+            'set [storage] events = "duckdb:///<path>" to keep them',
+            deleted,
+            keep,
+            self.dropped_events,
+        )
 
     def insert_new(self, events: list[UsageEvent]) -> int:
         """Insert those of `events` whose `event_id` the store does not hold yet; how many (blocking).
@@ -537,7 +569,10 @@ class DuckDBEventStore:
                 row = cur.execute(f"DELETE FROM {EVENTS_TABLE} WHERE ts < ?", [cutoff]).fetchone()
             finally:
                 cur.close()
-        return int(row[0]) if row else 0
+        deleted = int(row[0]) if row else 0
+        if self.max_events is not None:
+            self._rows -= deleted
+        return deleted
 
     def budget_consumption(
         self, since: Mapping[str, datetime], requests_since: datetime

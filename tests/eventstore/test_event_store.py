@@ -254,3 +254,41 @@ def test_measures_outside_the_whitelist_are_refused(measure: Measure, problem: s
             store.report(ReportPlan(plan.query, plan.scope, (measure,), ("x",), plan.segments))
     finally:
         store.close()
+
+
+def test_an_in_memory_store_keeps_at_most_its_maximum(caplog: pytest.LogCaptureFixture) -> None:
+    """`max_events`: past it (by a tenth) the oldest events are deleted down to it, counted and logged; the
+    newest are all kept, reports see them; a file store is not bounded this way."""
+    import logging
+    from datetime import UTC, datetime, timedelta
+
+    from orq_proxy.eventstore.duckdb import DuckDBEventStore
+    from orq_proxy.usage.events import UsageEvent
+
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def batch(start: int, n: int) -> list[UsageEvent]:
+        return [
+            UsageEvent(
+                event_id=f"e{i:06d}",
+                timestamp=t0 + timedelta(seconds=i),
+                workspace="w",
+                project="p",
+                api_key_id="k",
+            )
+            for i in range(start, start + n)
+        ]
+
+    store = DuckDBEventStore(max_events=1000)
+    with caplog.at_level(logging.INFO, logger="orq_proxy.eventstore.duckdb"):
+        for start in range(0, 5000, 250):
+            store.insert(batch(start, 250))
+            assert store.count() <= 1100
+    cur = store.cursor()
+    oldest, newest = cur.execute("SELECT min(event_id), max(event_id) FROM usage_events").fetchone()
+    cur.close()
+    assert newest == "e004999" and store.count() + store.dropped_events == 5000
+    assert oldest == f"e{store.dropped_events:06d}"  # exactly the oldest went
+    lines = [r for r in caplog.records if "dropped the" in r.getMessage()]
+    assert lines and lines[0].levelno == logging.WARNING and all(r.levelno == logging.INFO for r in lines[1:])
+    store.close()
