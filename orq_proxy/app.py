@@ -36,6 +36,7 @@ from orq_proxy.metering.prometheus import prometheus_route
 from orq_proxy.openapi import openapi_document
 from orq_proxy.proxy.request import PROXY_PREFIXES, BodyMiddleware, RequestMiddleware, route_path
 from orq_proxy.proxy.routing import RoutingMiddleware
+from orq_proxy.proxy.upstream import quiet_expected_aborts
 from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.services import Services, build_services
 
@@ -98,6 +99,7 @@ class OrqProxy:
         """Start the shared resources, yield, stop them (in reverse order; each stop registered right
         after its start, so a failed startup stops only what had started)."""
         self._state = "running"
+        quiet_expected_aborts()  # an upstream dying mid-stream: one warning line, not also a traceback
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for hook in self._shutdown:  # registered first: they run after everything else stopped

@@ -45,6 +45,7 @@ __all__ = [
     "UpstreamStreamError",
     "UpstreamTarget",
     "origin_of",
+    "quiet_expected_aborts",
     "targets_from_config",
 ]
 
@@ -119,6 +120,24 @@ WATCH_AFTER = 0.05
 
 class UpstreamStreamError(Exception):
     """The upstream failed after the response had started; the client connection is aborted."""
+
+
+class _ExpectedAbortFilter(logging.Filter):
+    """Drops the server's "Exception in ASGI application" traceback for an `UpstreamStreamError`: raising
+    it is how the client's connection is aborted (ASGI has no other way), and the upstream's failure was
+    already logged as one warning line naming the request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UpstreamStreamError)
+
+
+def quiet_expected_aborts(logger_name: str = "uvicorn.error") -> None:
+    """Install `_ExpectedAbortFilter` on the server's error logger, once per process (the app's lifespan
+    calls it: an upstream dying mid-stream is one warning line, not a warning and a traceback)."""
+    server_logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _ExpectedAbortFilter) for f in server_logger.filters):
+        server_logger.addFilter(_ExpectedAbortFilter())
 
 
 class ForwardedResponse(Protocol):

@@ -476,3 +476,42 @@ def test_served_proxy_does_not_take_a_loopback_clients_forwarded_for(
     _, server = proxy_factory()
     client_for(server).chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=SPOOFED)
     assert fake.requests[0].headers["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_upstream_death_mid_stream_is_one_warning_line(
+    client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The expected failure is logged once, as a warning line naming the request; the server's error log
+    gets no "Exception in ASGI application" traceback for the abort (it used to log both)."""
+    import logging
+
+    class Recorder(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    _, server = proxy_factory()  # (uvicorn configures its loggers here: add the recorder after it)
+    server_log = Recorder()
+    logging.getLogger("uvicorn.error").addHandler(server_log)  # sees what passes the logger's filters
+    try:
+        with caplog.at_level(logging.WARNING, logger="orq_proxy"):
+            for _ in range(3):
+                with pytest.raises((openai.APIConnectionError, httpx.RemoteProtocolError, httpx.ReadError)):
+                    list(
+                        client_for(server).chat.completions.create(
+                            model="gpt-4o",
+                            messages=MESSAGES,
+                            stream=True,
+                            extra_headers={"x-fake-disconnect-after": "3"},
+                        )
+                    )
+            time.sleep(0.2)  # the server logs after the response is torn down
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(server_log)
+    ours = [r for r in caplog.records if r.name == "orq_proxy.proxy.upstream"]
+    assert len(ours) == 3 and all("upstream failed mid-response" in r.getMessage() for r in ours)
+    assert all(r.exc_info is None for r in ours)
+    assert [r.getMessage() for r in server_log.records if r.exc_info] == []
