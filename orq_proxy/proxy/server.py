@@ -23,8 +23,8 @@ Failure policy: fail closed towards the client (a small plain-text 4xx with `Con
 close); nothing here raises into uvicorn or the app, which sees a rejected request as a disconnect.
 
 This relies on uvicorn internals (`parser`, `cycle`, `pipeline`, `flow`, the keep-alive timer and the parser
-callbacks): pyproject pins the uvicorn range it was tested against, and tests/test_server_limits.py runs it
-on real sockets.
+callbacks): pyproject pins the uvicorn range it was tested against, and tests/proxy/test_server_limits.py runs
+it on real sockets.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._phase = _IDLE
         self._head_bytes = 0  # of the current head, fed to the parser so far
-        self._header_count = 0
         self._too_many_headers = False
         self._deadline: float | None = None  # loop time by which the current request must have arrived
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -119,7 +118,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._deadline is None:  # the first byte of a request (or of what precedes one)
             self._deadline = self.loop.time() + self.request_read_timeout
-        view = memoryview(data)
+        # Usually the read fits and goes in whole (slicing bytes to its full length returns it, uncopied);
+        # otherwise a memoryview is sliced, without copies.
+        view = data if len(data) <= self.max_header_bytes - self._head_bytes else memoryview(data)
         while view:
             room = self.max_header_bytes - self._head_bytes
             piece, view = view[:room], view[room:]
@@ -134,7 +135,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._deadline is not None and self._deadline_timer is None:
             self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_passed)
 
-    def _feed(self, piece: memoryview) -> bool:
+    def _feed(self, piece: bytes | memoryview) -> bool:
         """Feed the parser; False when the connection is done with (rejected, closed or upgraded)."""
         try:
             self.parser.feed_data(piece)
@@ -160,13 +161,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._phase = _HEAD
-        self._header_count = 0
         if self._deadline is None:  # pipelined behind a request that ended earlier in the same read
             self._deadline = self.loop.time() + self.request_read_timeout
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.max_headers:
+        if len(self.headers) >= self.max_headers:  # uvicorn's list of this request's headers so far
             self._too_many_headers = True
             raise _TooManyHeaders
         super().on_header(name, value)
@@ -180,7 +179,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._phase = _IDLE
         self._head_bytes = 0
-        self._cancel_deadline()
+        self._deadline = None
+        if self._deadline_timer is not None:
+            self._cancel_deadline()
 
     # Deadline and rejection
 
@@ -235,8 +236,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
-    """The `uvicorn.Config` keyword arguments that apply `[server]`'s connection limits."""
+    """The `uvicorn.Config` keyword arguments that apply `[server]`'s connection limits.
+
+    `proxy_headers` is off: uvicorn would otherwise take a loopback client's `X-Forwarded-For` as the
+    client's address, and the forwarding headers are `[server] trust_forwarded_headers`' to trust or not.
+    """
     return {
+        "proxy_headers": False,
         "http": LimitedHttpToolsProtocol.with_limits(
             max_header_bytes=server.max_header_bytes,
             max_headers=server.max_headers,

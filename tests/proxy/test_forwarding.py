@@ -463,11 +463,6 @@ def test_trusted_forwarded_headers_get_the_peer_appended(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="orq_proxy/proxy/server.py's uvicorn_options (not this change's file) must pass "
-    "proxy_headers=False: uvicorn otherwise takes a loopback client's X-Forwarded-For as its address",
-)
 def test_served_proxy_does_not_take_a_loopback_clients_forwarded_for(
     client_for: ClientFactory, proxy_factory: Any, fake: FakeUpstream
 ) -> None:
