@@ -20,6 +20,7 @@ from ulid import ULID
 from orq_proxy.budgets.counters import Counters, InMemoryCounters
 from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind, derived_cel
 from orq_proxy.budgets.redis_counters import redis_counters_from_url
+from orq_proxy.testing.servers import ServerThread
 
 MakeBudget = Callable[..., Budget]
 
@@ -180,3 +181,13 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     redis.start()
     yield redis
     redis.stop()
+
+
+def budget_usage(server: ServerThread, budget_id: str) -> tuple[float, float, int]:
+    """A budget's live `usage` (USD, tokens, requests in the last 60 s), read with the orq-ai-sdk."""
+    from orq_ai_sdk import Orq
+
+    with Orq(server_url=server.url, timeout_ms=30_000) as orq:
+        got = orq.budgets.get(budget_id=budget_id).budget
+    assert got is not None and got.usage is not None
+    return got.usage.amount, got.usage.tokens, int(got.usage.requests)

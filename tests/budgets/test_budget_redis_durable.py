@@ -28,7 +28,7 @@ from orq_proxy.eventstore.duckdb import DuckDBEventStore
 from orq_proxy.services import build_services
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.events import UsageEvent
-from tests.budgets.conftest import OwnRedis, new_budget
+from tests.budgets.conftest import OwnRedis, budget_usage, new_budget
 
 UPSTREAM_KEY = "sk-upstream-secret"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]
@@ -63,13 +63,6 @@ def _call(server: ServerThread) -> int:
     return answer.usage.total_tokens
 
 
-def _usage(server: ServerThread, budget_id: str) -> tuple[float, float, int]:
-    with Orq(server_url=server.url, timeout_ms=30_000) as orq:
-        got = orq.budgets.get(budget_id=budget_id).budget
-    assert got is not None and got.usage is not None
-    return got.usage.amount, got.usage.tokens, int(got.usage.requests)
-
-
 def _wait_for_events(app: OrqProxy, count: int) -> None:
     """Until the sink bus has written `count` events to the event store (it flushes every 0.25 s)."""
     store = app.services.event_store
@@ -95,18 +88,18 @@ def test_spend_survives_a_redis_restart(tmp_path: Path, upstream_url: str, own_r
         while (tokens := _call(server)) > 0:
             admitted += 1
         assert tokens == -429 and admitted >= 2
-        before = _usage(server, budget_id)
+        before = budget_usage(server, budget_id)
         assert before[1] > 0
         _wait_for_events(app, admitted + 1)  # the refused call is an event too (no tokens)
 
         own_redis.stop()
         own_redis.start()  # same port, empty dataset
         assert _call(server) == -429  # a proxied call first: rebuilt before the reservation
-        assert _usage(server, budget_id)[:2] == before[:2]
+        assert budget_usage(server, budget_id)[:2] == before[:2]
 
         own_redis.stop()
         own_redis.start()
-        assert _usage(server, budget_id)[:2] == before[:2]  # the API first: rebuilt before it answers
+        assert budget_usage(server, budget_id)[:2] == before[:2]  # the API first: rebuilt before it answers
         assert _call(server) == -429
     finally:
         server.stop()

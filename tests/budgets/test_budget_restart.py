@@ -25,7 +25,7 @@ from orq_proxy.config import ProxyConfig
 from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.events import UsageEvent
-from tests.budgets.conftest import new_budget
+from tests.budgets.conftest import budget_usage, new_budget
 
 UPSTREAM_KEY = "sk-upstream-secret"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]
@@ -91,13 +91,6 @@ def token_budget(server: ServerThread, **limits: Any) -> str:
     return created.budget.budget_id
 
 
-def usage(server: ServerThread, budget_id: str) -> tuple[float, float, int]:
-    with Orq(server_url=server.url, timeout_ms=10_000) as orq:
-        got = orq.budgets.get(budget_id=budget_id).budget
-    assert got is not None and got.usage is not None
-    return got.usage.amount, got.usage.tokens, int(got.usage.requests)
-
-
 def test_spend_survives_a_restart(durable: Any) -> None:
     """A MONTHLY token budget: what was spent before the restart still counts after it, and the budget
     admits exactly as many calls in all as one that never restarted."""
@@ -105,12 +98,12 @@ def test_spend_survives_a_restart(durable: Any) -> None:
     budget_id = token_budget(first, token_limit=100)
     before = [call(first) for _ in range(2)]
     assert -429 not in before
-    used_before = usage(first, budget_id)
+    used_before = budget_usage(first, budget_id)
     assert used_before[1] == sum(before) > 0
     first.stop()
 
     second = durable()
-    assert usage(second, budget_id)[:2] == used_before[:2]  # spend and tokens came back
+    assert budget_usage(second, budget_id)[:2] == used_before[:2]  # spend and tokens came back
     after = spend_until_refused(second)
     second.stop()
 
@@ -138,12 +131,12 @@ def test_cost_and_rate_window_survive_a_restart(durable: Any) -> None:
     assert created is not None
     budget_id = created.budget_id
     assert call(first) > 0 and call(first) > 0
-    used = usage(first, budget_id)
+    used = budget_usage(first, budget_id)
     assert used[0] > 0 and used[2] == 2
     first.stop()
 
     second = durable()
-    assert usage(second, budget_id) == used
+    assert budget_usage(second, budget_id) == used
     assert call(second) == -429  # the window still holds the two requests from before the restart
 
 
@@ -158,7 +151,7 @@ def test_a_reset_survives_a_restart(durable: Any) -> None:
     first.stop()
 
     second = durable()
-    assert usage(second, budget_id)[1] == after_reset
+    assert budget_usage(second, budget_id)[1] == after_reset
 
 
 def test_in_memory_state_says_it_is_not_durable(upstream_url: str, caplog: pytest.LogCaptureFixture) -> None:
