@@ -76,3 +76,47 @@ def module_proxy_factory(fake_server: tuple[FakeUpstream, ServerThread]) -> Iter
     """`proxy_factory` for one test module: for proxies shared by tests that never change state."""
     with _proxies(fake_server[1].url + "/v1") as make:
         yield make
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The machine's PostgreSQL (127.0.0.1:5432, trust auth); if it does not answer, every test that needs
+    it fails with this one message instead of a connection error each."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"no PostgreSQL at 127.0.0.1:5432 ({exc}): the PostgreSQL tests need one with trust auth for "
+            "user postgres (.ci/run starts it)",
+            pytrace=False,
+        )
+    return PG_ADMIN_URL
+
+
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new, empty database on the server of `admin_url`, dropped (connections and all) afterwards."""
+    import psycopg
+    from ulid import ULID
+
+    name = f"orq_test_{str(ULID()).lower()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]  # a generated name
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A database of its own for this test (created empty, dropped after)."""
+    with fresh_database(pg_server) as url:
+        yield url
