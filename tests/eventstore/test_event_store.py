@@ -1,22 +1,26 @@
-"""The event store seam: the slices read events only through protocols they own, the DuckDB store
-implements every one of them, and its identity and failure reads answer what the slices expect."""
+"""The event store seam: the slices read events only through protocols they own, the DuckDB and
+PostgreSQL stores implement every one of them, and their identity and failure reads answer what the slices
+expect (each store-neutral test runs against both)."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import psycopg
 import pytest
 
 import orq_proxy
 from orq_proxy.budgets.ledger import BudgetLedger
 from orq_proxy.eventstore import EventStore, event_store_from_url
 from orq_proxy.eventstore.duckdb import DuckDBEventStore
+from orq_proxy.eventstore.postgres import PostgresEventStore
 from orq_proxy.identities.metrics import IdentityDay, IdentityHistory, IdentityMetrics
 from orq_proxy.reporting.engine import plan_report
 from orq_proxy.reporting.query import parse_report_query
@@ -37,7 +41,35 @@ ROOT = Path(orq_proxy.__file__).parent
 # `build_sinks` opens a DuckDB file for a `[[sinks]] type = "duckdb"` entry).
 STORE_FREE_PACKAGES = ("reporting", "identities", "budgets", "metering", "usage")
 DUCKDB_MODULES = ("duckdb", "orq_proxy.eventstore.duckdb", "orq_proxy.sinks.duckdb")
+# (A slice may keep its own state in PostgreSQL, `identities/postgres.py`; the event store is not its own.)
+EVENT_STORE_MODULES = (*DUCKDB_MODULES, "orq_proxy.eventstore.postgres")
 NOW = datetime(2026, 5, 20, 15, tzinfo=UTC)
+# What each backend raises for a database error (the cause chained to a `ReportSourceError`).
+DRIVER_ERRORS: dict[str, type[Exception]] = {"duckdb": duckdb.Error, "postgres": psycopg.Error}
+
+
+AnyStore = DuckDBEventStore | PostgresEventStore
+
+
+def open_store(request: pytest.FixtureRequest, backend: str) -> AnyStore:
+    """An empty store of `backend` (PostgreSQL: in a database of the test's own)."""
+    if backend == "duckdb":
+        return DuckDBEventStore()
+    return PostgresEventStore(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, backend: str) -> Iterator[AnyStore]:
+    """An empty store of each backend, closed afterwards (closing twice is harmless)."""
+    store = open_store(request, backend)
+    yield store
+    store.close()
 
 
 def imported_names(path: Path) -> set[str]:
@@ -57,15 +89,19 @@ def is_duckdb(name: str) -> bool:
     return any(name == module or name.startswith(module + ".") for module in DUCKDB_MODULES)
 
 
+def is_event_store_backend(name: str) -> bool:
+    return any(name == module or name.startswith(module + ".") for module in EVENT_STORE_MODULES)
+
+
 @pytest.mark.parametrize(
     "path",
     [path for package in STORE_FREE_PACKAGES for path in sorted((ROOT / package).glob("*.py"))],
     ids=lambda path: f"{path.parent.name}/{path.name}",
 )
 def test_slices_import_no_duckdb_module(path: Path) -> None:
-    """Reporting, identities (and budgets, metering, the usage kernel) name no DuckDB module: they read
-    the store through their own protocols, so a PostgreSQL store needs no change in them."""
-    assert sorted(name for name in imported_names(path) if is_duckdb(name)) == []
+    """Reporting, identities (and budgets, metering, the usage kernel) name no event store backend (DuckDB,
+    PostgreSQL): they read the store through their own protocols."""
+    assert sorted(name for name in imported_names(path) if is_event_store_backend(name)) == []
 
 
 def test_the_import_check_sees_a_duckdb_import(tmp_path: Path) -> None:
@@ -84,8 +120,8 @@ def test_the_import_check_sees_a_duckdb_import(tmp_path: Path) -> None:
 
 
 def test_importing_reporting_and_identities_loads_no_duckdb() -> None:
-    """Every module of reporting and identities imports without loading DuckDB, directly or through
-    another module (checked in a fresh interpreter)."""
+    """Every module of reporting and identities imports without loading DuckDB or an event store backend,
+    directly or through another module (checked in a fresh interpreter)."""
     code = (
         "import importlib, pkgutil, sys\n"
         "import orq_proxy.identities, orq_proxy.reporting\n"
@@ -104,14 +140,10 @@ def test_importing_reporting_and_identities_loads_no_duckdb() -> None:
 @pytest.mark.parametrize(
     "protocol", [EventStore, ReportSource, EventRetention, IdentityHistory, BudgetLedger, EventWriter]
 )
-def test_duckdb_store_implements_every_slice_protocol(protocol: type) -> None:
-    """`DuckDBEventStore` is an `EventStore`, so each slice's protocol (mypy checks the signatures too,
-    in `eventstore/duckdb.py`)."""
-    store = DuckDBEventStore()
-    try:
-        assert isinstance(store, protocol)
-    finally:
-        store.close()
+def test_stores_implement_every_slice_protocol(protocol: type, store: object) -> None:
+    """Each store is an `EventStore`, so each slice's protocol (mypy checks the signatures too, at the
+    end of `eventstore/duckdb.py` and `eventstore/postgres.py`)."""
+    assert isinstance(store, protocol)
 
 
 def test_a_store_missing_a_read_is_no_event_store() -> None:
@@ -126,15 +158,29 @@ def test_a_store_missing_a_read_is_no_event_store() -> None:
     assert not isinstance(WriteOnly(), EventStore)
 
 
-def test_event_store_from_url() -> None:
-    """`duckdb://:memory:` opens a DuckDB store; another scheme is a ValueError naming the URL."""
+def test_event_store_from_url(pg_url: str) -> None:
+    """`duckdb://:memory:` opens a DuckDB store, `postgresql://` and `postgres://` a PostgreSQL one;
+    another scheme is a ValueError naming the URL."""
     store = event_store_from_url("duckdb://:memory:")
     try:
         assert isinstance(store, DuckDBEventStore) and store.path == ":memory:"
     finally:
         store.close()
-    with pytest.raises(ValueError, match="postgresql://db/events"):
-        event_store_from_url("postgresql://db/events")
+    for url in (pg_url, "postgres://" + pg_url.split("://", 1)[1]):
+        pg = event_store_from_url(url)
+        try:
+            assert isinstance(pg, PostgresEventStore) and pg.url == url and pg.count() == 0
+        finally:
+            pg.close()
+    with pytest.raises(ValueError, match="mysql://db/events"):
+        event_store_from_url("mysql://db/events")
+
+
+def test_a_postgres_url_without_the_driver_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without psycopg installed, a PostgreSQL URL is a ValueError naming the `postgres` extra."""
+    monkeypatch.setitem(sys.modules, "psycopg_pool", None)  # `import psycopg_pool` now raises ImportError
+    with pytest.raises(ValueError, match=r"orq-proxy\[postgres\]"):
+        event_store_from_url("postgresql://postgres@127.0.0.1:1/x")
 
 
 async def test_aclose_closes_and_keeps_a_file(tmp_path: Path) -> None:
@@ -167,7 +213,7 @@ def make_event(i: int, when: datetime, **kw: Any) -> UsageEvent:
     return UsageEvent(**data)
 
 
-def test_identity_days_sum_per_workspace_identity_and_utc_day() -> None:
+def test_identity_days_sum_per_workspace_identity_and_utc_day(store: EventStore) -> None:
     """One row per (workspace, identity, UTC day) at or after `since`, in day order, with requests,
     errors, tokens and nano-USD; unattributed events are left out."""
     day = datetime(2026, 5, 18, tzinfo=UTC)
@@ -180,12 +226,8 @@ def test_identity_days_sum_per_workspace_identity_and_utc_day() -> None:
         make_event(5, day + timedelta(hours=5), workspace="other"),
         make_event(6, day + timedelta(hours=5), identity=None),
     ]
-    store = DuckDBEventStore()
-    try:
-        store.insert(events)
-        days = store.identity_days(day)
-    finally:
-        store.close()
+    store.insert(events)
+    days = store.identity_days(day)
     assert all(isinstance(row, IdentityDay) for row in days)
     got = sorted((r.workspace, r.identity, r.day, r.requests, r.errors, r.tokens, r.cost_nanos) for r in days)
     midnight = day.replace(tzinfo=None)  # naive UTC
@@ -198,8 +240,8 @@ def test_identity_days_sum_per_workspace_identity_and_utc_day() -> None:
     assert [r.day for r in days] == sorted(r.day for r in days)
 
 
-def test_seeding_from_the_store_equals_recording_the_events() -> None:
-    """Rings rebuilt from the DuckDB store give the same snapshots as recording the same events live."""
+def test_seeding_from_the_store_equals_recording_the_events(store: EventStore) -> None:
+    """Rings rebuilt from the store give the same snapshots as recording the same events live."""
     clock = FakeClock(NOW)
     events = [
         make_event(
@@ -213,25 +255,21 @@ def test_seeding_from_the_store_equals_recording_the_events() -> None:
     live, seeded = IdentityMetrics(clock=clock), IdentityMetrics(clock=clock)
     for e in events:
         live.record(e)
-    store = DuckDBEventStore()
-    try:
-        store.insert(events)
-        assert seeded.seed_from_events(store) > 0
-    finally:
-        store.close()
+    store.insert(events)
+    assert seeded.seed_from_events(store) > 0
     for identity in ("u0", "u1", "u2", "u3"):
         assert seeded.snapshot("ws", identity) == live.snapshot("ws", identity)
 
 
-def test_a_failing_report_is_a_report_source_error() -> None:
-    """A DuckDB error while reporting reaches reporting as its own `ReportSourceError` (chained)."""
-    store = DuckDBEventStore()
+def test_a_failing_report_is_a_report_source_error(store: AnyStore, backend: str) -> None:
+    """A database error while reporting (here: the store is closed) reaches reporting as its own
+    `ReportSourceError`, chained to the driver's error."""
     store.close()
     body = {"metric": "genai.requests", "from": "2026-05-19T00:00:00Z", "to": "2026-05-20T00:00:00Z"}
     plan = plan_report(parse_report_query(body, now=NOW), ReportScope("ws"))
     with pytest.raises(ReportSourceError) as caught:
         store.report(plan)
-    assert isinstance(caught.value.__cause__, duckdb.Error)
+    assert isinstance(caught.value.__cause__, DRIVER_ERRORS[backend])
 
 
 @pytest.mark.parametrize(
@@ -243,17 +281,15 @@ def test_a_failing_report_is_a_report_source_error() -> None:
         (Measure("x", "quantile", "latency_ms", kind="float"), "fraction must be 0..1"),
     ],
 )
-def test_measures_outside_the_whitelist_are_refused(measure: Measure, problem: str) -> None:
+def test_measures_outside_the_whitelist_are_refused(
+    measure: Measure, problem: str, store: EventStore
+) -> None:
     """A measure's column must be a numeric event column and a quantile's rank 0..1: nothing else is
     ever written into the SQL."""
     body = {"metric": "genai.requests", "from": "2026-05-19T00:00:00Z", "to": "2026-05-20T00:00:00Z"}
     plan = plan_report(parse_report_query(body, now=NOW), ReportScope("ws"))
-    store = DuckDBEventStore()
-    try:
-        with pytest.raises(ValueError, match=problem):
-            store.report(ReportPlan(plan.query, plan.scope, (measure,), ("x",), plan.segments))
-    finally:
-        store.close()
+    with pytest.raises(ValueError, match=problem):
+        store.report(ReportPlan(plan.query, plan.scope, (measure,), ("x",), plan.segments))
 
 
 def test_an_in_memory_store_keeps_at_most_its_maximum(caplog: pytest.LogCaptureFixture) -> None:

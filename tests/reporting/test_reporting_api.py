@@ -1,4 +1,5 @@
-"""`POST /v2/reporting` over a real socket: auth, scoping, the envelope, the 400s, as the SDK sees them."""
+"""`POST /v2/reporting` over a real socket: auth, scoping, the envelope, the 400s, as the SDK sees them
+(against each event store: DuckDB and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing, Principal, hash_key
 from orq_proxy.eventstore.duckdb import DuckDBEventStore
+from orq_proxy.eventstore.postgres import PostgresEventStore
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.query import QUALITY_METRICS
 from orq_proxy.testing.clock import FakeClock
@@ -50,9 +52,17 @@ def event(i: int, **kwargs: Any) -> UsageEvent:
     return UsageEvent(**data)
 
 
-@pytest.fixture
-def store() -> Iterator[DuckDBEventStore]:
-    store = DuckDBEventStore()
+AnyStore = DuckDBEventStore | PostgresEventStore
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def store(request: pytest.FixtureRequest) -> Iterator[AnyStore]:
+    """The test's events in each store (PostgreSQL: in a database of the test's own)."""
+    store: AnyStore = (
+        DuckDBEventStore()
+        if request.param == "duckdb"
+        else PostgresEventStore(request.getfixturevalue("pg_url"))
+    )
     store.insert(
         [event(i) for i in range(10)]
         + [event(100 + i, project="alpha") for i in range(4)]
@@ -63,7 +73,7 @@ def store() -> Iterator[DuckDBEventStore]:
 
 
 @pytest.fixture
-def server(store: DuckDBEventStore) -> Iterator[ServerThread]:
+def server(store: AnyStore) -> Iterator[ServerThread]:
     keyring = KeyRing((hash_key(f"sk-{name}"), principal) for name, principal in KEYS.items())
     app = Starlette(
         routes=routes(keyring=keyring, event_store=store, clock=FakeClock(NOW), retention_days=30)
@@ -266,7 +276,7 @@ def test_quality_metrics_are_empty_with_a_warning(server: ServerThread, metric: 
     assert report.meta.warnings[1:] == ["totals_unavailable"]
 
 
-def test_new_events_are_visible_at_once(server: ServerThread, store: DuckDBEventStore) -> None:
+def test_new_events_are_visible_at_once(server: ServerThread, store: AnyStore) -> None:
     """An event inserted into the store shows up in the very next report."""
     with client(server) as orq:
         before = orq.reporting.query(metric="genai.requests", mode="scalar", **WINDOW)
@@ -276,7 +286,7 @@ def test_new_events_are_visible_at_once(server: ServerThread, store: DuckDBEvent
     assert after.data[0].metrics["genai.requests"] == before.data[0].metrics["genai.requests"] + 1
 
 
-def test_store_failure_is_500_code_13_with_request_id(server: ServerThread, store: DuckDBEventStore) -> None:
+def test_store_failure_is_500_code_13_with_request_id(server: ServerThread, store: AnyStore) -> None:
     """A failing query answers 500 `{"message","code":13}` quoting the request id (also in the header)."""
     store.close()
     response = httpx.post(
@@ -287,13 +297,13 @@ def test_store_failure_is_500_code_13_with_request_id(server: ServerThread, stor
     assert body["code"] == 13 and response.headers["x-request-id"] in body["message"]
 
 
-def test_retention_days_must_be_positive(store: DuckDBEventStore) -> None:
+def test_retention_days_must_be_positive(store: AnyStore) -> None:
     """A zero retention is a configuration error."""
     with pytest.raises(ValueError, match="retention_days"):
         routes(keyring=KeyRing(), event_store=store, clock=FakeClock(NOW), retention_days=0)
 
 
-def test_readme_example_runs(store: DuckDBEventStore) -> None:
+def test_readme_example_runs(store: AnyStore) -> None:
     """The README's Reporting snippet runs as written against a server (only the URL changed)."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Reporting\n", 1)[1]

@@ -15,7 +15,8 @@ MESSAGES: list[Any] = [{"role": "user", "content": "how much did this cost"}]
 CONFIG = {
     "api_keys": [
         {"key": "sk-admin", "id": "key_admin", "admin": True},
-        {"key": "sk-alice", "id": "key_alice", "owner": "alice"},
+        # Explicitly "any" (with an owner the default is "owner"): one key attributes by all three sources.
+        {"key": "sk-alice", "id": "key_alice", "owner": "alice", "identities": "any"},
     ]
 }
 

@@ -1,5 +1,6 @@
 """Reporting correctness: a seeded set of events, every answer computed independently in Python and compared
-with what `orq.reporting.query(...)` gets from a real server (counts and sums exactly, quantiles exactly)."""
+with what `orq.reporting.query(...)` gets from a real server (counts and sums exactly, quantiles exactly), for
+each event store (DuckDB, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -18,6 +20,7 @@ from starlette.applications import Starlette
 
 from orq_proxy.auth import KeyRing
 from orq_proxy.eventstore.duckdb import DuckDBEventStore
+from orq_proxy.eventstore.postgres import PostgresEventStore
 from orq_proxy.reporting.api import routes
 from orq_proxy.reporting.engine import ReportEngine, offset_segments
 from orq_proxy.reporting.query import BUNDLE_FIELDS, USAGE_METRICS, parse_report_query
@@ -26,6 +29,7 @@ from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.servers import ServerThread, serve_in_thread
 from orq_proxy.timefmt import rfc3339
 from orq_proxy.usage.events import UsageEvent
+from tests.conftest import fresh_database
 
 NOW = datetime(2026, 10, 30, 12, 0, tzinfo=UTC)
 # Ten days around the end of European summer time (2026-10-25 01:00 UTC).
@@ -275,16 +279,37 @@ def oracle(
 # ---------------------------------------------------------------- fixtures and the comparison
 
 
-@pytest.fixture(scope="module")
-def store() -> Iterator[DuckDBEventStore]:
-    store = DuckDBEventStore()
-    store.insert(EVENTS)
-    yield store
-    store.close()
+AnyStore = DuckDBEventStore | PostgresEventStore
+
+
+@contextmanager
+def open_store(backend: str, request: pytest.FixtureRequest) -> Iterator[AnyStore]:
+    """An empty store of `backend` (PostgreSQL: in a database of its own, dropped afterwards)."""
+    if backend == "duckdb":
+        duck = DuckDBEventStore()
+        try:
+            yield duck
+        finally:
+            duck.close()
+        return
+    with fresh_database(request.getfixturevalue("pg_server")) as url:
+        pg = PostgresEventStore(url)
+        try:
+            yield pg
+        finally:
+            pg.close()
+
+
+@pytest.fixture(scope="module", params=["duckdb", "postgres"])
+def store(request: pytest.FixtureRequest) -> Iterator[AnyStore]:
+    """The events in each store, shared by the module's tests (which only read)."""
+    with open_store(request.param, request) as store:
+        store.insert(EVENTS)
+        yield store
 
 
 @pytest.fixture(scope="module")
-def server(store: DuckDBEventStore) -> Iterator[ServerThread]:
+def server(store: AnyStore) -> Iterator[ServerThread]:
     app = Starlette(routes=routes(keyring=KeyRing(), event_store=store, clock=FakeClock(NOW)))
     with serve_in_thread(app) as server:
         yield server
@@ -520,7 +545,7 @@ def test_offset_segments_find_dst_end_to_the_second() -> None:
     assert offset_segments(ZoneInfo("UTC"), DATA_START, DATA_END) == [(DATA_START, timedelta(0))]
 
 
-async def test_engine_scopes_workspace_and_project(store: DuckDBEventStore) -> None:
+async def test_engine_scopes_workspace_and_project(store: AnyStore) -> None:
     """The engine sees only the scope's workspace, and only its project when one is given."""
     engine = ReportEngine(store)
     body = {"metric": "genai.requests", "from": "2026-10-21T00:00:00Z", "to": "2026-10-28T00:00:00Z"}
@@ -552,7 +577,10 @@ async def test_engine_scopes_workspace_and_project(store: DuckDBEventStore) -> N
         ("America/Santiago", "hour", datetime(2026, 9, 5, 20, tzinfo=UTC)),
     ],
 )
-def test_buckets_across_transitions(zone: str, grain: str, start: datetime) -> None:
+@pytest.mark.parametrize("backend", ["duckdb", "postgres"])
+def test_buckets_across_transitions(
+    zone: str, grain: str, start: datetime, backend: str, request: pytest.FixtureRequest
+) -> None:
     """Across DST transitions (sub-hour zones, a 30-minute shift, a midnight one) each event lands in the
     bucket zoneinfo gives for it."""
     events = [
@@ -565,9 +593,8 @@ def test_buckets_across_transitions(zone: str, grain: str, start: datetime) -> N
         )
         for i in range(140)
     ]
-    store = DuckDBEventStore()
-    store.insert(events)
-    try:
+    with open_store(backend, request) as store:
+        store.insert(events)
         body = {
             "metric": "genai.requests",
             "from": rfc3339(start),
@@ -577,8 +604,6 @@ def test_buckets_across_transitions(zone: str, grain: str, start: datetime) -> N
         }
         query = parse_report_query(body, now=start + timedelta(days=2))
         result = ReportEngine(store).run_sync(query, ReportScope("w"))
-    finally:
-        store.close()
     want: dict[datetime, int] = defaultdict(int)
     for e in events:
         want[_bucket(e.timestamp, grain, ZoneInfo(zone))] += 1

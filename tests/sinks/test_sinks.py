@@ -1,9 +1,11 @@
-"""Built-in sinks (memory, JSON Lines, DuckDB) and `build_sinks` from config."""
+"""Built-in sinks (memory, JSON Lines, DuckDB) and `build_sinks` from config; the event store's writes
+against each store (DuckDB, PostgreSQL)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from orq_proxy.config import ProxyConfig
 from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, DuckDBEventStore, event_row
+from orq_proxy.eventstore.postgres import PostgresEventStore
 from orq_proxy.sinks.base import EventBus, build_sinks
 from orq_proxy.sinks.duckdb import DuckDBSink
 from orq_proxy.sinks.jsonl import JsonlSink
@@ -45,6 +48,45 @@ def make_event(i: int, **kw: object) -> UsageEvent:
     return UsageEvent.model_validate(data)
 
 
+AnyStore = DuckDBEventStore | PostgresEventStore
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store of `backend` that outlives its first opening lives (a file; a database of its own)."""
+    return str(tmp_path / "ev.duckdb") if backend == "duckdb" else str(request.getfixturevalue("pg_url"))
+
+
+def open_store(backend: str, where: str = ":memory:") -> AnyStore:
+    return DuckDBEventStore(where) if backend == "duckdb" else PostgresEventStore(where)
+
+
+@pytest.fixture
+def store(backend: str, request: pytest.FixtureRequest) -> Iterator[AnyStore]:
+    """An empty store of each backend (DuckDB in memory; PostgreSQL in a database of the test's own)."""
+    store = open_store(backend, ":memory:" if backend == "duckdb" else request.getfixturevalue("pg_url"))
+    yield store
+    store.close()
+
+
+def fetch(store: AnyStore, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of a parameterless query, read the store's own way."""
+    if isinstance(store, DuckDBEventStore):
+        cur = store.cursor()
+        try:
+            return [tuple(row) for row in cur.execute(sql).fetchall()]
+        finally:
+            cur.close()
+    with store.connection() as conn:
+        return [tuple(row) for row in conn.execute(sql).fetchall()]
+
+
 async def test_memory_sink_keeps_newest_when_capped() -> None:
     """`max_events` keeps the newest events."""
     sink = MemorySink(max_events=2)
@@ -69,18 +111,17 @@ async def test_jsonl_sink_appends_lines_that_round_trip(tmp_path: Path) -> None:
     assert json.loads(lines[0])["total_cost_nanos"] == 123_456_789_012
 
 
-async def test_duckdb_sink_rows_match_events() -> None:
+async def test_duckdb_sink_rows_match_events(store: AnyStore) -> None:
     """Every column lands as written: timestamps (naive UTC), lists, NULLs, JSON metadata, big ints."""
-    store = DuckDBEventStore()
     sink = DuckDBSink(store)
     events = [make_event(i, ttft_ms=1.25 if i else None) for i in range(3)]
     await sink.write(events)
     await sink.write([])
-    cur = store.cursor()
-    rows = cur.execute(
+    rows = fetch(
+        store,
         f"SELECT event_id, ts, identity_tags, ttft_ms, metadata, total_cost_nanos, input_tokens "
-        f"FROM {EVENTS_TABLE} ORDER BY event_id"
-    ).fetchall()
+        f"FROM {EVENTS_TABLE} ORDER BY event_id",
+    )
     assert rows[0] == (
         "ev0000",
         datetime(2026, 3, 4, 5, 6, 7, 890000),
@@ -95,9 +136,8 @@ async def test_duckdb_sink_rows_match_events() -> None:
     assert store.count() == 3  # not owned: still open
 
 
-def test_duckdb_insert_is_all_or_nothing() -> None:
+def test_duckdb_insert_is_all_or_nothing(store: AnyStore) -> None:
     """A batch with a bad row inserts nothing, so a retry cannot duplicate the good rows."""
-    store = DuckDBEventStore()
     good = make_event(1)
     bad = make_event(2).model_copy(update={"input_tokens": "not a number"})
     with pytest.raises(Exception):  # noqa: B017 - duckdb's conversion error type is not part of its API
@@ -107,18 +147,20 @@ def test_duckdb_insert_is_all_or_nothing() -> None:
     assert store.count() == 1
 
 
-async def test_duckdb_sink_owning_store_closes_it(tmp_path: Path) -> None:
-    """An owned file store is closed by the sink, and its rows persist."""
-    path = tmp_path / "ev.duckdb"
-    sink = DuckDBSink(DuckDBEventStore(str(path)), owns_store=True)
+async def test_duckdb_sink_owning_store_closes_it(backend: str, store_url: str) -> None:
+    """An owned store (a file, a database) is closed by the sink, and its rows persist."""
+    owned = open_store(backend, store_url)
+    sink = DuckDBSink(owned, owns_store=True)
     await sink.write([make_event(1)])
     await sink.close()
-    again = DuckDBEventStore(str(path))
+    with pytest.raises(Exception):  # noqa: B017 - each driver has its own "closed" error
+        owned.count()
+    again = open_store(backend, store_url)
     assert again.count() == 1
     again.close()
 
 
-async def test_build_sinks_from_config(tmp_path: Path) -> None:
+async def test_build_sinks_from_config(tmp_path: Path, store: AnyStore) -> None:
     """The event store comes first, then each `[[sinks]]` entry, and events reach all of them."""
     config = ProxyConfig.model_validate(
         {
@@ -129,7 +171,6 @@ async def test_build_sinks_from_config(tmp_path: Path) -> None:
             ]
         }
     )
-    store = DuckDBEventStore()
     sinks = build_sinks(config, store)
     assert [type(s).__name__ for s in sinks] == ["DuckDBSink", "JsonlSink", "MemorySink", "DuckDBSink"]
     bus = EventBus(sinks, flush_interval=0.01)
@@ -173,20 +214,17 @@ _OFF_DEFAULT: list[dict[str, object]] = [
 ]
 
 
-def test_duckdb_rows_of_every_shape_read_back_exactly() -> None:
+def test_duckdb_rows_of_every_shape_read_back_exactly(store: AnyStore) -> None:
     """Rows that leave columns to their DEFAULTs read back as the events that were written."""
-    store = DuckDBEventStore()
     events = [make_event(i, **kw) for i, kw in enumerate(_OFF_DEFAULT)]
     store.insert(events)
-    cur = store.cursor()
     cols = ", ".join(EVENT_COLUMNS)
-    rows = cur.execute(f"SELECT {cols} FROM {EVENTS_TABLE} ORDER BY event_id").fetchall()
+    rows = fetch(store, f"SELECT {cols} FROM {EVENTS_TABLE} ORDER BY event_id")
     assert [tuple(r) for r in rows] == [tuple(event_row(e)) for e in events]
 
 
-def test_duckdb_insert_of_mixed_shapes_is_all_or_nothing() -> None:
+def test_duckdb_insert_of_mixed_shapes_is_all_or_nothing(store: AnyStore) -> None:
     """Good rows of other shapes, appended before a bad one, are rolled back with it."""
-    store = DuckDBEventStore()
     good = [make_event(i, **kw) for i, kw in enumerate(_OFF_DEFAULT)]
     bad = make_event(99, usage_note="x").model_copy(update={"input_tokens": "not a number"})
     with pytest.raises(Exception):  # noqa: B017 - duckdb's conversion error type is not part of its API
@@ -212,9 +250,8 @@ def test_duckdb_file_from_before_column_defaults_gets_them(tmp_path: Path) -> No
     store.close()
 
 
-def test_duckdb_delete_before_keeps_the_retention_window() -> None:
+def test_duckdb_delete_before_keeps_the_retention_window(store: AnyStore) -> None:
     """Events older than the cutoff go, the rest stay; aware and naive (UTC) cutoffs mean the same."""
-    store = DuckDBEventStore()
     base = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
     store.insert([make_event(i, timestamp=base.replace(day=1 + i)) for i in range(5)])  # days 1..5
     assert store.delete_before(datetime(2026, 3, 3, 12, 0, tzinfo=UTC)) == 2  # days 1 and 2
@@ -222,13 +259,12 @@ def test_duckdb_delete_before_keeps_the_retention_window() -> None:
     # Same instant in another zone: one more day goes (day 3 at 12:00 UTC is before 13:00 UTC).
     plus_two = timezone(timedelta(hours=2))
     assert store.delete_before(datetime(2026, 3, 3, 15, 0, tzinfo=plus_two)) == 1
-    left = store._conn.execute(f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts").fetchall()
+    left = fetch(store, f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts")
     assert left == [("ev0003",), ("ev0004",)]
 
 
-def test_app_deletes_events_past_retention_at_startup(proxy_factory: Any) -> None:
+def test_app_deletes_events_past_retention_at_startup(proxy_factory: Any, store: AnyStore) -> None:
     """`[reporting] retention_days`: a running proxy deletes older events (at start-up, then hourly)."""
-    store = DuckDBEventStore()
     now = datetime.now(UTC)
     store.insert(
         [
@@ -241,5 +277,5 @@ def test_app_deletes_events_past_retention_at_startup(proxy_factory: Any) -> Non
     deadline = time.monotonic() + 10
     while store.count() != 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    ids = store._conn.execute(f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts").fetchall()
+    ids = fetch(store, f"SELECT event_id FROM {EVENTS_TABLE} ORDER BY ts")
     assert ids == [("ev0002",), ("ev0003",)]
