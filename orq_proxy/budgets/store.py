@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from orq_proxy.budgets.matching import BudgetIndex, RequestFacts
 from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind
+from orq_proxy.postgres import is_postgres_url, require_driver
 
 __all__ = [
     "BudgetConflict",
@@ -358,13 +359,24 @@ class SqliteBudgetStore(InMemoryBudgetStore):
         self._conn.close()
 
 
-def budget_store_from_url(url: str) -> InMemoryBudgetStore:
-    """The store named by `[storage] state`: `memory`, or `sqlite:///abs/path.db` (durable)."""
+def budget_store_from_url(url: str) -> BudgetStore:
+    """The store named by `[storage] state`: `memory`, `sqlite:///abs/path.db` (durable), or
+    `postgresql://...` / `postgres://...` (shared by replicas; needs the postgres extra).
+
+    A PostgreSQL store is built without touching the network: call its `open()` before use.
+    """
     if url == "memory":
         return InMemoryBudgetStore()
+    if is_postgres_url(url):
+        require_driver("state")
+        from orq_proxy.budgets.postgres import PostgresBudgetStore
+
+        return PostgresBudgetStore(url)
     if url.startswith("sqlite://") and url[len("sqlite://") :]:
         try:
             return SqliteBudgetStore(url[len("sqlite://") :])
         except sqlite3.Error as exc:
             raise ValueError(f"[storage] state {url!r}: cannot open the database: {exc}") from exc
-    raise ValueError(f"[storage] state must be 'memory' or 'sqlite:///<path>', got {url!r}")
+    raise ValueError(
+        f"[storage] state must be 'memory', 'sqlite:///<path>' or 'postgresql://...', got {url!r}"
+    )

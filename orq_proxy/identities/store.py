@@ -36,6 +36,7 @@ from orq_proxy.identities.models import (
     search_needle,
 )
 from orq_proxy.ids import MonotonicIds
+from orq_proxy.postgres import is_postgres_url, require_driver
 from orq_proxy.timefmt import rfc3339_millis
 
 __all__ = ["IdentityStore", "InMemoryIdentityStore", "identity_store_from_url"]
@@ -471,12 +472,19 @@ def _second(key: tuple[str, str]) -> str:
 
 
 def identity_store_from_url(url: str, *, clock: Clock | None = None) -> IdentityStore:
-    """The store named by `[storage] state`: `memory`, or `sqlite:///abs/path.db` (durable).
+    """The store named by `[storage] state`: `memory`, `sqlite:///abs/path.db` (durable), or
+    `postgresql://...` / `postgres://...` (shared by replicas; needs the postgres extra).
 
+    A PostgreSQL store is built without touching the network: call its `open()` before use.
     Raises ValueError for anything else, naming the setting.
     """
     if url == "memory":
         return InMemoryIdentityStore(clock=clock)
+    if is_postgres_url(url):
+        require_driver("state")
+        from orq_proxy.identities.postgres import PostgresIdentityStore
+
+        return PostgresIdentityStore(url, clock=clock)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path:
@@ -491,4 +499,6 @@ def identity_store_from_url(url: str, *, clock: Clock | None = None) -> Identity
             return SqliteIdentityStore(path, clock=clock)
         except sqlite3.Error as exc:
             raise ValueError(f"[storage] state {url!r}: cannot open the database: {exc}") from exc
-    raise ValueError(f"[storage] state must be 'memory' or 'sqlite:///<path>', got {url!r}")
+    raise ValueError(
+        f"[storage] state must be 'memory', 'sqlite:///<path>' or 'postgresql://...', got {url!r}"
+    )

@@ -1,9 +1,9 @@
-"""Budget stores: uniqueness per scope target, replace/delete, list filters, order and cursors; SQLite
-persistence."""
+"""Budget stores (in memory, SQLite, PostgreSQL): uniqueness per scope target, replace/delete, list filters,
+order and cursors; SQLite persistence. Two PostgreSQL replicas: `test_budget_postgres.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,9 +14,11 @@ import pytest
 
 from orq_proxy.budgets.matching import RequestFacts
 from orq_proxy.budgets.models import Alert, Budget, Period, ScopeKind
+from orq_proxy.budgets.postgres import PostgresBudgetStore
 from orq_proxy.budgets.store import (
     BudgetConflict,
     BudgetListQuery,
+    BudgetStore,
     InMemoryBudgetStore,
     SortField,
     SqliteBudgetStore,
@@ -28,9 +30,24 @@ MakeBudget = Callable[..., Budget]
 T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
 
-async def test_one_budget_per_scope_target(make_budget: MakeBudget) -> None:
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
+    """Every store the protocol tests run against (PostgreSQL on a database of its own)."""
+    s: BudgetStore
+    if request.param == "memory":
+        s = InMemoryBudgetStore()
+    elif request.param == "sqlite":
+        s = SqliteBudgetStore(str(tmp_path / "state.db"))
+    else:
+        pg = PostgresBudgetStore(request.getfixturevalue("pg_url"))
+        await pg.open()
+        s = pg
+    yield s
+    await s.aclose()
+
+
+async def test_one_budget_per_scope_target(store: BudgetStore, make_budget: MakeBudget) -> None:
     """A second budget on (workspace, kind, target) conflicts; other workspaces and CEL budgets do not."""
-    store = InMemoryBudgetStore()
     first = await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
     with pytest.raises(BudgetConflict) as info:
         await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))
@@ -42,14 +59,13 @@ async def test_one_budget_per_scope_target(make_budget: MakeBudget) -> None:
     await store.create(make_budget(kind=ScopeKind.WORKSPACE))
     with pytest.raises(BudgetConflict):
         await store.create(make_budget(kind=ScopeKind.WORKSPACE))
-    assert len(store) == 6
+    assert len(await store.all_budgets()) == 6
     assert await store.find_scoped("default", ScopeKind.IDENTITY, "u1") == first
     assert await store.find_scoped("default", ScopeKind.IDENTITY, "u2") is None
 
 
-async def test_get_replace_delete(make_budget: MakeBudget) -> None:
+async def test_get_replace_delete(store: BudgetStore, make_budget: MakeBudget) -> None:
     """Records are per workspace; replace keeps the scope; delete frees the scope target and the index."""
-    store = InMemoryBudgetStore()
     budget = await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1", amount_nanos=5))
     assert await store.get("default", budget.budget_id) == budget
     assert await store.get("w2", budget.budget_id) is None
@@ -68,8 +84,7 @@ async def test_get_replace_delete(make_budget: MakeBudget) -> None:
     await store.create(make_budget(kind=ScopeKind.IDENTITY, target="u1"))  # the target is free again
 
 
-async def seeded(make_budget: MakeBudget) -> tuple[InMemoryBudgetStore, list[Budget]]:
-    store = InMemoryBudgetStore()
+async def seeded(store: BudgetStore, make_budget: MakeBudget) -> list[Budget]:
     budgets = []
     kinds = [ScopeKind.IDENTITY, ScopeKind.MODEL, ScopeKind.PROJECT, None]
     periods = [Period.DAILY, Period.MONTHLY, None]
@@ -87,12 +102,12 @@ async def seeded(make_budget: MakeBudget) -> tuple[InMemoryBudgetStore, list[Bud
         )
         budgets.append(await store.create(budget))
     await store.create(make_budget(workspace="elsewhere"))
-    return store, budgets
+    return budgets
 
 
-async def test_list_order_and_cursors(make_budget: MakeBudget) -> None:
+async def test_list_order_and_cursors(store: BudgetStore, make_budget: MakeBudget) -> None:
     """Default order is most recently updated first; cursors page forward and back with has_more."""
-    store, budgets = await seeded(make_budget)
+    budgets = await seeded(store, make_budget)
     by_updated = sorted(budgets, key=lambda b: b.updated_at, reverse=True)
     page = await store.page("default", BudgetListQuery(limit=5))
     assert page.items == by_updated[:5] and page.has_more
@@ -115,9 +130,9 @@ async def test_list_order_and_cursors(make_budget: MakeBudget) -> None:
     assert all(b.expires_at is None for b in expiring.items[len(with_expiry) :])
 
 
-async def test_list_filters(make_budget: MakeBudget) -> None:
+async def test_list_filters(store: BudgetStore, make_budget: MakeBudget) -> None:
     """scope_kind, scope_target_id, is_active, period and query filter, and combine."""
-    store, budgets = await seeded(make_budget)
+    budgets = await seeded(store, make_budget)
 
     async def ids(**kwargs: object) -> set[str]:
         page = await store.page("default", BudgetListQuery(limit=200, **kwargs))  # type: ignore[arg-type]
@@ -181,7 +196,9 @@ def test_store_from_url(tmp_path: Path) -> None:
     """`[storage] state` picks the store; anything else is an error naming the setting."""
     assert type(budget_store_from_url("memory")) is InMemoryBudgetStore
     assert isinstance(budget_store_from_url(f"sqlite://{tmp_path}/s.db"), SqliteBudgetStore)
-    for bad in ("sqlite://", "postgres://x", f"sqlite://{tmp_path}/missing-dir/s.db"):
+    assert isinstance(budget_store_from_url("postgres://x"), PostgresBudgetStore)  # no network until open()
+    assert isinstance(budget_store_from_url("postgresql://postgres@127.0.0.1:1/x"), PostgresBudgetStore)
+    for bad in ("sqlite://", "postgre://x", f"sqlite://{tmp_path}/missing-dir/s.db"):
         with pytest.raises(ValueError, match=r"\[storage\] state"):
             budget_store_from_url(bad)
 

@@ -1,4 +1,4 @@
-"""The `IdentityStore` protocol suite, run against the in-memory and the SQLite store alike."""
+"""The `IdentityStore` protocol suite, run against the in-memory, SQLite and PostgreSQL stores alike."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from orq_proxy.identities.models import (
     name_sort_key,
     normalize_fields,
 )
+from orq_proxy.identities.postgres import PostgresIdentityStore
 from orq_proxy.identities.sqlite import SqliteIdentityStore
 from orq_proxy.identities.store import (
     IdentityStore,
@@ -42,18 +43,23 @@ def clock() -> FakeClock:
     return FakeClock(START)
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-in-memory"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-in-memory", "postgres"])
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, tmp_path: Path
 ) -> AsyncIterator[IdentityStore]:
-    """Every store the protocol suite runs against (SQLite on a file reads inline; `:memory:` does not)."""
+    """Every store the protocol suite runs against (SQLite on a file reads inline; `:memory:` does not;
+    PostgreSQL on a database of its own)."""
     s: IdentityStore
     if request.param == "memory":
         s = InMemoryIdentityStore(clock=clock)
     elif request.param == "sqlite":
         s = SqliteIdentityStore(str(tmp_path / "state.db"), clock=clock)
-    else:
+    elif request.param == "sqlite-in-memory":
         s = SqliteIdentityStore(":memory:", clock=clock)
+    else:
+        pg = PostgresIdentityStore(request.getfixturevalue("pg_url"), clock=clock)
+        await pg.open()
+        s = pg
     yield s
     await s.aclose()
 
@@ -456,13 +462,17 @@ def test_sqlite_bad_path_fails_at_construction(tmp_path: Path) -> None:
 
 
 async def test_store_from_url(tmp_path: Path) -> None:
-    """`[storage] state`: memory, sqlite:///path; anything else is a ValueError naming the setting."""
+    """`[storage] state`: memory, sqlite:///path, postgres(ql)://; anything else is a ValueError naming the setting."""
     assert isinstance(identity_store_from_url("memory"), InMemoryIdentityStore)
     sqlite_store = identity_store_from_url(f"sqlite://{tmp_path}/s.db")
     assert isinstance(sqlite_store, SqliteIdentityStore)
     await sqlite_store.aclose()
     assert (tmp_path / "s.db").exists()
-    for bad in ("sqlite://", "postgres://x", "memroy", f"sqlite://{tmp_path}/no-such-dir/s.db"):
+    for url in ("postgres://x", "postgresql://postgres@127.0.0.1:1/x"):  # built without the network
+        pg_store = identity_store_from_url(url)
+        assert isinstance(pg_store, PostgresIdentityStore)
+        await pg_store.aclose()
+    for bad in ("sqlite://", "postgre://x", "memroy", f"sqlite://{tmp_path}/no-such-dir/s.db"):
         with pytest.raises(ValueError, match=r"\[storage\] state"):
             identity_store_from_url(bad)
 
