@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ulid import ULID
 
+from orq_proxy.budgets._resp import PipelinedScripts, pipelined_scripts
 from orq_proxy.budgets.counters import (
     RATE_WINDOW_SECONDS,
     AlertCrossing,
@@ -58,6 +59,7 @@ from orq_proxy.usage.events import BudgetConsumption
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 __all__ = ["REBUILD_WAIT_SECONDS", "RedisCounters", "redis_counters_from_url"]
 
@@ -290,7 +292,14 @@ class RedisCounters:
 
     in_process = False
 
-    def __init__(self, client: Redis, *, prefix: str = "orq:budget:", reservation_ttl: int = 3600) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "orq:budget:",
+        reservation_ttl: int = 3600,
+        hot_path: PipelinedScripts | None = None,
+    ) -> None:
         if reservation_ttl < 1:
             raise ValueError("reservation_ttl must be >= 1 second")
         self.client = client
@@ -304,6 +313,13 @@ class RedisCounters:
         self._release = client.register_script(_RELEASE)
         self._reset = client.register_script(_RESET)
         self._restore = client.register_script(_RESTORE)
+        # reserve / settle / release (two per request) on one pipelined connection when given (_resp.py)
+        self._hot_path = hot_path
+
+    async def _hot(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if self._hot_path is not None:
+            return await self._hot_path.evalsha(script.sha, script.script, keys, args)
+        return await script(keys=keys, args=args)
 
     # -- keys and windows --------------------------------------------------------------------------------
     def _base(self, budget: Budget) -> str:
@@ -413,7 +429,7 @@ class RedisCounters:
                 -1 if budget.requests_per_minute is None else budget.requests_per_minute,
             ]
         keys += [self._reservation_key(workspace, reservation_id), self.generation_key]
-        reply = cast(list[Any], await self._reserve(keys=keys, args=args))
+        reply = cast(list[Any], await self._hot(self._reserve, keys, args))
         if _num(reply[0]) == 2:
             return None
         if _num(reply[0]) == 1:
@@ -465,7 +481,7 @@ class RedisCounters:
             ]
             for alert in alerts:
                 args += [alert.id, alert.threshold_percent]
-        reply = cast(list[Any], await self._settle(keys=keys, args=args))
+        reply = cast(list[Any], await self._hot(self._settle, keys, args))
         crossings = []
         for i in range(0, len(reply), 3):
             index = _num(reply[i]) - 1
@@ -495,7 +511,7 @@ class RedisCounters:
             base = self._base(part.budget)
             keys += [base + ":h", base + ":rs"]
             args.append(str(int(part.period_start)))
-        await self._release(keys=keys, args=args)
+        await self._hot(self._release, keys, args)
 
     async def usage(self, budget: Budget, now: datetime) -> Usage:
         return (await self.usage_many([budget], now))[0]
@@ -564,6 +580,8 @@ class RedisCounters:
         task = self._rebuilding
         if task is not None and not task.done():
             task.cancel()
+        if self._hot_path is not None:
+            await self._hot_path.aclose()
         await self.client.aclose()
 
 
@@ -602,4 +620,9 @@ def redis_counters_from_url(
         # Once, on a closed connection only (a pooled one that a Redis restart cut): never on a timeout.
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
-    return RedisCounters(Redis(connection_pool=pool), prefix=prefix, reservation_ttl=reservation_ttl)
+    from redis.asyncio.connection import SSLConnection
+
+    hot_path = pipelined_scripts(pool.connection_kwargs, tls=issubclass(pool.connection_class, SSLConnection))
+    return RedisCounters(
+        Redis(connection_pool=pool), prefix=prefix, reservation_ttl=reservation_ttl, hot_path=hot_path
+    )
