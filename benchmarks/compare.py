@@ -7,6 +7,8 @@ Targets, each started on loopback and driven with the same load:
   `orq-proxy serve` applies after startup (`[server] gc_threshold`), to show what that tuning alone is worth;
 - `orq-full`: orq-proxy with everything on: identity from the body (`orq.identity`, upserted), a matching
   identity budget (reserve + settle on every request), metering into the in-memory DuckDB event store;
+- `orq-pg`: `orq-full` on the replica backends: PostgreSQL state and events (a fresh database on
+  `--pg`, dropped afterwards) and Redis counters (`--redis`), as `serve --workers 1` would run them;
 - `orq-no-<layer>`: the same with one layer replaced by a pass-through (identity, budget, metering), and
   `orq-bare` with all three off (request + auth + routing + upstream), so each layer's cost shows;
 - `litellm`: LiteLLM proxy (`pip install 'litellm[proxy]'` into a throwaway venv under /tmp), the fake
@@ -77,7 +79,9 @@ ORQ_VARIANTS = {
 }
 # `minimal-gc`: the minimal proxy with the GC tuning `orq-proxy serve` applies (`[server] gc_threshold`).
 GC_THRESHOLD = ServerConfig().gc_threshold
-ALL_TARGETS = ["direct", "minimal", "minimal-gc", *ORQ_VARIANTS, "litellm", "portkey"]
+ALL_TARGETS = ["direct", "minimal", "minimal-gc", *ORQ_VARIANTS, "orq-pg", "litellm", "portkey"]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/14"
 
 
 def bodies(target: str, stream: bool) -> bytes:
@@ -132,7 +136,15 @@ def serve_orq(config_path: str, without: Sequence[str]) -> None:
     run_server(app_module.build_app(config), log_level="warning")
 
 
-def orq_config(path: Path, port: int, upstream: str) -> None:
+def orq_config(
+    path: Path,
+    port: int,
+    upstream: str,
+    *,
+    state: str = "memory",
+    events: str = "duckdb://:memory:",
+    counters: str = "memory",
+) -> None:
     path.write_text(
         f"""[server]
 host = "127.0.0.1"
@@ -148,10 +160,29 @@ key = "{API_KEY}"
 admin = true
 
 [storage]
-state = "memory"
-events = "duckdb://:memory:"
+state = "{state}"
+events = "{events}"
+counters = "{counters}"
 """
     )
+
+
+def create_database(admin_url: str) -> str:
+    """A new, empty PostgreSQL database for `orq-pg`; its URL."""
+    import psycopg
+
+    name = f"orq_bench_{os.getpid()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'.encode())
 
 
 def create_budget(base_url: str) -> str:
@@ -280,6 +311,7 @@ def start_targets(
     work: Path,
     peers_dir: Path,
     log: Any,
+    databases: list[str],
 ) -> list[Running]:
     upstream = f"http://127.0.0.1:{fake_port}/v1"
     running: list[Running] = []
@@ -310,15 +342,22 @@ def start_targets(
                 str(GC_THRESHOLD if name == "minimal-gc" else 0),
             ]
             probe = "/v1/models"
-        elif name in ORQ_VARIANTS:
+        elif name in ORQ_VARIANTS or name == "orq-pg":
             config = work / f"{name}.toml"
-            orq_config(config, port, upstream)
+            if name == "orq-pg":
+                database = create_database(PG_ADMIN)
+                databases.append(database)
+                orq_config(config, port, upstream, state=database, events=database, counters=REDIS)
+                note = "all layers on; PostgreSQL state + events, Redis counters"
+            else:
+                orq_config(config, port, upstream)
             cmd = [sys.executable, str(Path(__file__)), "--serve-orq", str(config)]
-            if ORQ_VARIANTS[name]:
+            if ORQ_VARIANTS.get(name):
                 cmd += ["--without", ",".join(ORQ_VARIANTS[name])]
             headers = {"Authorization": f"Bearer {API_KEY}"}
             probe = "/readyz"
-            note = "off: " + ", ".join(ORQ_VARIANTS[name]) if ORQ_VARIANTS[name] else "all layers on"
+            if name != "orq-pg":
+                note = "off: " + ", ".join(ORQ_VARIANTS[name]) if ORQ_VARIANTS[name] else "all layers on"
         elif name == "litellm":
             exe = install_litellm(peers_dir, log)
             if exe is None:
@@ -363,7 +402,7 @@ def start_targets(
             _load.stop(proc)
             continue
         r = Running(Target(name, url, proc, headers), bodies(name, False), bodies(name, True), note)
-        if name == "orq-full":
+        if name in ("orq-full", "orq-pg"):
             r.meta["budget_id"] = create_budget(url)
         if not smoke(r, log):
             _load.stop(proc)
@@ -432,8 +471,9 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
         fake_port = _load.free_port()
         fake = start_fake(fake_port, latencies[0], layout, work)
         running: list[Running] = []
+        databases: list[str] = []  # orq-pg's, dropped at the end
         try:
-            running = start_targets(names, fake, fake_port, layout, work, peers_dir, log)
+            running = start_targets(names, fake, fake_port, layout, work, peers_dir, log, databases)
             skipped = [n for n in names if n not in {r.target.name for r in running}]
             log(f"machine: {overhead.machine()}")
             log(f"versions: {json.dumps(versions(running, peers_dir))}")
@@ -510,13 +550,15 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
                         row["peak_rss_mb"] = rss
                 if "budget_id" in r.meta:
                     log(
-                        f"orq-full budget usage after the run: {budget_usage(r.target.url, r.meta['budget_id'])}"
+                        f"{r.target.name} budget usage after the run: {budget_usage(r.target.url, r.meta['budget_id'])}"
                     )
         finally:
             for r in running:
                 if r.target.name != "direct":
                     _load.stop(r.target.proc)
             _load.stop(fake)
+            for database in databases:
+                drop_database(PG_ADMIN, database)
     add_ratios(rows)
     table = markdown(rows)
     if notes:

@@ -18,6 +18,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol, runtime_checkable
 
 from orq_proxy.auth import KeyRing, keyring_from_config
 from orq_proxy.budgets.alerts import AlertDispatcher
@@ -32,9 +33,10 @@ from orq_proxy.errors import ServiceUnavailable
 from orq_proxy.eventstore import EventStore, event_store_from_url
 from orq_proxy.eventstore.duckdb import parse_events_url
 from orq_proxy.identities.api import IdentityBudgetHooks
-from orq_proxy.identities.metrics import IdentityMetrics
+from orq_proxy.identities.metrics import IdentityMetrics, IdentityTotals, SharedIdentityMetrics
 from orq_proxy.identities.store import IdentityStore, identity_store_from_url
 from orq_proxy.metering.prometheus import PrometheusMetrics
+from orq_proxy.postgres import is_postgres_url
 from orq_proxy.proxy.upstream import UpstreamApp, targets_from_config
 from orq_proxy.sinks.base import EventBus, UsageSink, build_sinks
 from orq_proxy.sinks.spool import EventSpool, IdempotentEventWriter
@@ -45,6 +47,13 @@ __all__ = ["Services", "build_services"]
 logger = logging.getLogger(__name__)
 
 _Stop = Callable[[], Awaitable[object]]
+
+
+@runtime_checkable
+class _Opens(Protocol):
+    """A store that connects at startup rather than when built (the PostgreSQL stores)."""
+
+    async def open(self) -> None: ...
 
 
 @dataclass(kw_only=True, slots=True)
@@ -90,6 +99,9 @@ class Services:
             on_exit(self.identity_store.aclose)
             on_exit(self.budget_store.aclose)
             on_exit(self.budget_counters.aclose)
+            for store in (self.identity_store, self.budget_store, self.event_store):
+                if isinstance(store, _Opens):
+                    await store.open()  # (its aclose, registered above, copes with a half-open store)
             await self.upstream.startup()
             on_exit(self.upstream.aclose)
             await self._replay_spool()  # first: the rebuilds below read the events it recovers
@@ -219,7 +231,7 @@ def build_services(
             trust_forwarded_headers=config.server.trust_forwarded_headers,
         ),
         identity_store=identity_store or identity_store_from_url(storage.state, clock=clock),
-        identity_metrics=identity_metrics or IdentityMetrics(clock=clock),
+        identity_metrics=identity_metrics or _identity_metrics(event_store, clock),
         budget_store=budget_store,
         budget_counters=budget_counters,
         budget_alerts=budget_alerts or AlertDispatcher(config.notifiers),
@@ -239,13 +251,24 @@ def build_services(
     )
 
 
+def _identity_metrics(event_store: EventStore, clock: Clock) -> IdentityMetrics:
+    """`include_metrics` from the event store when replicas share it (every replica then answers the same
+    figures), else from in-process rings fed by metering."""
+    if isinstance(event_store, IdentityTotals):
+        return SharedIdentityMetrics(event_store, clock=clock)
+    return IdentityMetrics(clock=clock)
+
+
 def _spool(config: ProxyConfig) -> EventSpool | None:
     """`[storage] spool`: "auto" is `<events file>.spool` for a file event store and off in memory (an
-    in-memory store loses every event at exit anyway)."""
+    in-memory store loses every event at exit anyway) and for PostgreSQL (several replicas, one database:
+    a spool is one process's, so it takes an explicit path)."""
     setting = config.storage.spool
     if setting == "off":
         return None
     if setting == "auto":
+        if is_postgres_url(config.storage.events):
+            return None
         path = parse_events_url(config.storage.events)
         return None if path == ":memory:" else EventSpool(path + ".spool")
     return EventSpool(setting)
@@ -258,6 +281,7 @@ def _budget_counters(config: ProxyConfig) -> Counters:
         return InMemoryCounters()
     return redis_counters_from_url(
         storage.counters,
+        prefix=storage.counters_prefix,
         socket_timeout=storage.redis_socket_timeout,
         connect_timeout=storage.redis_connect_timeout,
         reservation_ttl=_reservation_ttl(config),
@@ -295,18 +319,22 @@ def _warn_about_lifetimes(config: ProxyConfig) -> None:
             '[storage] state = "memory": identities, budgets and their spend last only as long as this '
             'process; set state = "sqlite:///<path>" and events = "duckdb:///<path>" to keep them'
         )
-    elif parse_events_url(storage.events) == ":memory:" and storage.counters == "memory":
+    elif _events_in_memory(storage.events) and storage.counters == "memory":
         logger.warning(
             "[storage] events are in memory: budgets survive a restart but their spend starts again at "
             'zero (it is rebuilt from the event store); set events = "duckdb:///<path>" to keep it'
         )
-    if parse_events_url(storage.events) == ":memory:":
+    if _events_in_memory(storage.events):
         logger.info(
             "usage events are kept in memory: at most %d ([reporting] memory_events_max, ~370 B each; the "
             "oldest are dropped past it) for %d days, gone at exit",
             config.reporting.memory_events_max,
             config.reporting.retention_days,
         )
+
+
+def _events_in_memory(url: str) -> bool:
+    return not is_postgres_url(url) and parse_events_url(url) == ":memory:"
 
 
 def _logged(stop: _Stop) -> Callable[[], Awaitable[None]]:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +126,97 @@ def pg_url(pg_server: str) -> Iterator[str]:
     """A database of its own for this test (created empty, dropped after)."""
     with fresh_database(pg_server) as url:
         yield url
+
+
+class OwnPostgres:
+    """A throwaway PostgreSQL server of the test's own on a free port (trust auth, no fsync), which the
+    test may stop, start and restart; the machine's server on 5432 is never touched.
+
+    As root, the server runs as the `postgres` OS user (initdb refuses root)."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bins:
+            pytest.fail("PostgreSQL's server binaries are not installed (/usr/lib/postgresql/*/bin)")
+        self.bin = Path(bins[-1])
+        self.dir = Path(tempfile.mkdtemp(prefix="orq-own-pg-", dir="/tmp"))
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+    def _ctl(self, action: str, *args: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-o",
+            options,
+            action,
+            *args,
+        )
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "fast")
+
+    def restart(self) -> None:
+        self._ctl("restart", "-m", "fast")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A started `OwnPostgres`, removed after the test."""
+    server = OwnPostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis (127.0.0.1:6379), which the Redis-backed budget tests need; if it does not
+    answer, every one of them fails with this one message instead of a connection error each."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                raise OSError("it did not answer PING")
+    except OSError as exc:
+        pytest.fail(
+            f"no Redis server at 127.0.0.1:6379 ({exc}): the Redis-backed tests need one; start it "
+            "with `redis-server --port 6379 --save '' --daemonize yes` (.ci/run does)",
+            pytrace=False,
+        )
+    return REDIS_URL

@@ -154,3 +154,38 @@ def test_demo_without_its_clients_names_the_extra() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pip install 'orq-proxy[demo]'" in proc.stdout and "openai" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("storage", "named"),
+    [
+        ("", ['state = "memory"', 'events = "duckdb://:memory:"', 'counters = "memory"']),
+        (
+            'state = "postgresql://h/db"\nevents = "postgresql://h/db"\ncounters = "memory"\n',
+            ['counters = "memory"'],
+        ),
+        (
+            'state = "sqlite:///tmp/x.db"\nevents = "postgresql://h/db"\ncounters = "redis://h:6379/0"\n'
+            'spool = "/var/spool/orq"\n',
+            ['state = "sqlite:///tmp/x.db"', 'spool = "/var/spool/orq"'],
+        ),
+    ],
+)
+def test_workers_above_one_with_a_per_process_backend_is_refused(
+    tmp_path: Path, storage: str, named: list[str]
+) -> None:
+    """`serve --workers 2` with state only one process holds: exit 2 before binding, naming each setting."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[upstreams.openai]\nbase_url = "http://127.0.0.1:9/v1"\n\n[storage]\n{storage}')
+    result = subprocess.run(
+        [sys.executable, "-m", "orq_proxy", "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--workers 2 needs state all workers share" in result.stderr
+    for setting in named:
+        assert setting in result.stderr
+    mentioned = result.stderr.count(" = ")
+    assert mentioned == len(named), result.stderr

@@ -172,13 +172,12 @@ class _IdentitiesAPI:
             budgets = list(
                 await asyncio.gather(*(hooks.identity_budget(workspace, r.external_id) for r in records))
             )
+        metrics: list[dict[str, Any] | None] = [None] * len(records)
+        if include_metrics:
+            metrics = list(await self.metrics.snapshots(workspace, [r.external_id for r in records]))
         return [
-            identity_to_wire(
-                record,
-                metrics=self.metrics.snapshot(workspace, record.external_id) if include_metrics else None,
-                budget=budget,
-            )
-            for record, budget in zip(records, budgets, strict=True)
+            identity_to_wire(record, metrics=figures, budget=budget)
+            for record, figures, budget in zip(records, metrics, budgets, strict=True)
         ]
 
     async def _existing(self, workspace: str, ref: str) -> Identity:

@@ -13,8 +13,10 @@ Failure policy: metering fails open, so `record` never raises (a bad event is lo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from array import array
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
@@ -22,7 +24,16 @@ from orq_proxy.clock import Clock
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.money import nanos_to_usd
 
-__all__ = ["WINDOW_DAYS", "IdentityDay", "IdentityHistory", "IdentityMetrics", "empty_metrics"]
+__all__ = [
+    "WINDOW_DAYS",
+    "IdentityDay",
+    "IdentityHistory",
+    "IdentityMetrics",
+    "IdentityTotals",
+    "SharedIdentityMetrics",
+    "Totals",
+    "empty_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +69,39 @@ class IdentityHistory(Protocol):
         """Per (workspace, identity, UTC day) of the attributed events at or after `since` (aware), their
         totals, in day order (blocking)."""
         ...
+
+
+class Totals(NamedTuple):
+    """One identity's sums over a window."""
+
+    requests: int
+    errors: int
+    tokens: int
+    cost_nanos: int
+
+
+@runtime_checkable
+class IdentityTotals(Protocol):
+    """An event store shared by replicas that keeps per-(workspace, identity, UTC day) sums as it inserts
+    (in the insert's own transaction), so every replica reads the same figures (PostgreSQL)."""
+
+    def identity_totals(
+        self, workspace: str, identities: Sequence[str], since: datetime
+    ) -> dict[str, Totals]:
+        """The sums of each of `identities` (external ids) over the UTC days from `since` (a UTC midnight)
+        on; an identity without events is left out (blocking)."""
+        ...
+
+
+def _wire(totals: Totals | None) -> dict[str, Any]:
+    if totals is None or not totals.requests:
+        return empty_metrics()
+    return {
+        "total_tokens": totals.tokens,
+        "total_cost": nanos_to_usd(totals.cost_nanos),
+        "total_requests": totals.requests,
+        "error_rate": totals.errors / totals.requests,
+    }
 
 
 def empty_metrics() -> dict[str, Any]:
@@ -150,12 +194,15 @@ class IdentityMetrics:
                 errors += ring[base + 2]
                 tokens += ring[base + 3]
                 cost += ring[base + 4]
-        return {
-            "total_tokens": tokens,
-            "total_cost": nanos_to_usd(cost),
-            "total_requests": requests,
-            "error_rate": errors / requests if requests else 0.0,
-        }
+        return _wire(Totals(requests, errors, tokens, cost))
+
+    async def snapshots(self, workspace: str, external_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """`snapshot` of each of `external_ids`, in order (what a list page renders)."""
+        return [self.snapshot(workspace, external_id) for external_id in external_ids]
+
+    def window_start(self) -> datetime:
+        """The UTC midnight the window starts at, today included in it."""
+        return datetime.fromtimestamp((_day(self._clock.now()) - self._days + 1) * _SECONDS_PER_DAY, UTC)
 
     def add_day(
         self,
@@ -183,8 +230,7 @@ class IdentityMetrics:
         """Rebuild the window's figures from the usage events already in `store` (blocking: one read over
         the window). With a file event store, `include_metrics` then survives a restart.
         Returns how many (identity, day) rows were added."""
-        since = datetime.fromtimestamp((_day(self._clock.now()) - self._days + 1) * _SECONDS_PER_DAY, UTC)
-        days = store.identity_days(since)
+        days = store.identity_days(self.window_start())
         for row in days:
             self.add_day(
                 row.workspace, row.identity, row.day, row.requests, row.errors, row.tokens, row.cost_nanos
@@ -203,3 +249,42 @@ class IdentityMetrics:
         for key in idle:
             del self._rings[key]
         return len(idle)
+
+
+class SharedIdentityMetrics(IdentityMetrics):
+    """`include_metrics` read from an event store shared by replicas (`IdentityTotals`), so every replica
+    answers the same figures, covering all of their traffic, once the bus has written it (the ingestion
+    delay). Nothing is kept in process: `record`, `seed_from_events`, `forget` and `prune` do nothing, and a
+    page costs one query.
+
+    Args:
+        store: the shared event store.
+        clock: decides the window.
+    """
+
+    def __init__(self, store: IdentityTotals, *, clock: Clock, days: int = WINDOW_DAYS) -> None:
+        super().__init__(clock=clock, days=days)
+        self._store = store
+
+    def record(self, event: UsageEvent) -> None:
+        return None  # the event store counts it when the bus writes it
+
+    def seed_from_events(self, store: IdentityHistory) -> int:
+        return 0
+
+    def forget(self, workspace: str, external_id: str) -> None:
+        return None  # the events stay; a recreated identity with the same external id shows them again
+
+    def prune(self) -> int:
+        return 0
+
+    def snapshot(self, workspace: str, external_id: str) -> dict[str, Any]:
+        raise TypeError("SharedIdentityMetrics reads the database: await snapshots() instead")
+
+    async def snapshots(self, workspace: str, external_ids: Sequence[str]) -> list[dict[str, Any]]:
+        if not external_ids:
+            return []
+        totals = await asyncio.to_thread(
+            self._store.identity_totals, workspace, list(external_ids), self.window_start()
+        )
+        return [_wire(totals.get(external_id)) for external_id in external_ids]

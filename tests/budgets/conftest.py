@@ -74,24 +74,6 @@ def make_budget() -> MakeBudget:
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The machine's Redis (127.0.0.1:6379), which the Redis-backed budget tests need; if it does not
-    answer, every one of them fails with this one message instead of a connection error each."""
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(16).startswith(b"+PONG"):
-                raise OSError("it did not answer PING")
-    except OSError as exc:
-        pytest.fail(
-            f"no Redis server at 127.0.0.1:6379 ({exc}): the Redis-backed budget tests need one; start it "
-            "with `redis-server --port 6379 --save '' --daemonize yes` (.ci/run does)",
-            pytrace=False,
-        )
-    return REDIS_URL
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Counters]:
     """Each counters backend; the Redis one under a fresh key prefix, deleted afterwards."""
