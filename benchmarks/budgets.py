@@ -1,5 +1,6 @@
 """Budget gate benchmark: per-request cost of `BudgetMiddleware` with 100,000 budgets over 1,000,000
-identities, against the same gate with no budgets, and against no gate, in one run.
+identities, against the same gate with no budgets, and against no gate, in one run; each gate also with
+calibrated reservations off (`calibrate=False`), to show what calibration costs per request.
 
 Everything runs in process (scripted ASGI `receive`/`send`, no sockets), on one event loop. The inner app
 answers like the upstream and, like metering, calls the settle hooks with a final `UsageEvent`, so each
@@ -185,6 +186,8 @@ EVENT = UsageEvent(
     workspace="ws",
     project="p",
     api_key_id="k",
+    input_tokens=60,  # reported usage: with calibration on, every settlement teaches the gate
+    output_tokens=39,
     total_cost_nanos=1234,
     total_tokens=99,
 )
@@ -228,7 +231,8 @@ async def main() -> None:
     parser.add_argument("--budgets", type=int, default=100_000)
     args = parser.parse_args()
     rng = random.Random(42)
-    pricer = Pricer()
+    # Every model priced (the 200 `model-N` names too), so no request takes the unpriced-model refusal.
+    pricer = Pricer({f"openai/model-{i}": (0.15, 0.6, None) for i in range(MODELS)})
     clock = SystemClock()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -243,16 +247,29 @@ async def main() -> None:
     requests = Requests(200_000, rng)
     counters = InMemoryCounters()
     gated = BudgetMiddleware(upstream, store=store, counters=counters, pricer=pricer, clock=clock)
+    uncalibrated = BudgetMiddleware(
+        upstream, store=store, counters=InMemoryCounters(), pricer=pricer, clock=clock, calibrate=False
+    )
     guarded = BudgetMiddleware(
         upstream, store=guarded_store, counters=InMemoryCounters(), pricer=pricer, clock=clock
     )
     ungated = BudgetMiddleware(
         upstream, store=InMemoryBudgetStore(), counters=InMemoryCounters(), pricer=pricer, clock=clock
     )
+    ungated_uncalibrated = BudgetMiddleware(
+        upstream,
+        store=InMemoryBudgetStore(),
+        counters=InMemoryCounters(),
+        pricer=pricer,
+        clock=clock,
+        calibrate=False,
+    )
     cases: dict[str, Callable[..., Any]] = {
         "no gate": upstream,
         "gate, no budgets": ungated,
+        "gate, no budgets, calibration off": ungated_uncalibrated,
         "gate, budgets": gated,
+        "gate, budgets, calibration off": uncalibrated,
         "gate, budgets, all CEL guarded": guarded,
     }
 
@@ -288,6 +305,9 @@ async def main() -> None:
     for name in cases:
         print(f"  {name:<32} {med[name]:8.2f}   rounds: {', '.join(f'{v:.2f}' for v in results[name])}")
     print(f"  matching alone (store.matching + facts)  {match_us:.2f}")
+    for name in ("gate, no budgets", "gate, budgets"):
+        on, off = med[name] - med["no gate"], med[name + ", calibration off"] - med["no gate"]
+        print(f"{name}: gate cost {on:.2f} us with calibration, {off:.2f} us without ({on - off:+.2f} us)")
     gate_empty = med["gate, no budgets"] - med["no gate"]
     for name in ("gate, budgets", "gate, budgets, all CEL guarded"):
         gate_full = med[name] - med["no gate"]

@@ -173,10 +173,12 @@ def build_app(config: ProxyConfig, **services: Any) -> OrqProxy:
         alerts=s.budget_alerts,
         # A refused request never reaches metering; it is recorded all the same (status 429/503, no usage).
         on_refused=metering.record_unforwarded,
+        unpriced=config.budgets.unpriced,
     )
     # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
     # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
-    app = IdentityMiddleware(app, store=s.identity_store)
+    # Its own 400s and 503s are usage events too (status ERROR, no usage), like the gate's refusals.
+    app = IdentityMiddleware(app, store=s.identity_store, on_refused=metering.record_unforwarded)
     app = RoutingMiddleware(app, upstreams=config.upstreams.keys(), default=config.default_upstream)
     app = BodyMiddleware(app, max_body_bytes=config.server.max_body_bytes)  # bounded read, parsed once
     app = AuthMiddleware(app, keyring=s.keyring)  # from the headers: without a valid key no body is read

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,6 +22,7 @@ from orq_proxy.errors import openai_error
 __all__ = [
     "OPEN_PRINCIPAL",
     "AuthMiddleware",
+    "IdentityScope",
     "KeyRing",
     "Principal",
     "bearer_token",
@@ -32,15 +34,53 @@ __all__ = [
 _CLOSE = {"connection": "close"}
 
 
+IdentityScope = Literal["any", "owner", "prefix"]
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the key's workspace, project, id, owning identity and whether it is an admin key."""
+    """Who is calling: the key's workspace, project, id, owning identity, whether it is an admin key, and
+    which identities it may attribute calls to (`[[api_keys]] identities`, `identity_prefix`).
+
+    `identities=None` is the default rule: `"owner"` for a key with an owner (a user's key speaks for that
+    user only), `"any"` for one without (a backend's key names its users). It is resolved here, in one place,
+    so a `Principal` built without going through the config gets the same default.
+    """
 
     workspace: str
     project: str
     key_id: str
     owner: str | None = None
     admin: bool = False
+    identities: IdentityScope | None = None
+    identity_prefix: str | None = None
+
+    @property
+    def identity_scope(self) -> IdentityScope:
+        """The effective rule: `identities`, else `"owner"` with an owner and `"any"` without."""
+        if self.identities is not None:
+            return self.identities
+        return "owner" if self.owner else "any"
+
+    def identity_refusal(self, external_id: str) -> str | None:
+        """Why this key may not attribute a call to `external_id` (a sentence naming the rule), or None.
+
+        The key's own owner is always allowed, whatever the rule. Fails closed: `"prefix"` with no prefix,
+        or `"owner"` with no owner, allows nothing but the owner (the config refuses both anyway).
+        """
+        scope = self.identity_scope
+        owner = self.owner
+        if scope == "any" or (owner and external_id == owner):
+            return None
+        prefix = self.identity_prefix
+        if scope == "prefix" and prefix and external_id.startswith(prefix):
+            return None
+        if scope == "owner" or not prefix:
+            if owner:
+                return f"this API key may only attribute calls to its owner {owner!r}"
+            return "this API key may not attribute calls to an identity (it has no owner)"
+        also = f" or to its owner {owner!r}" if owner else ""
+        return f"this API key may only attribute calls to identities starting with {prefix!r}{also}"
 
 
 OPEN_PRINCIPAL = Principal(workspace="default", project="default", key_id="open", owner=None, admin=True)
@@ -161,6 +201,8 @@ def keyring_from_config(config: ProxyConfig) -> KeyRing:
             key_id=key_id,
             owner=entry.owner,
             admin=entry.admin,
+            identities=entry.identities,
+            identity_prefix=entry.identity_prefix,
         )
         entries.append((digest, principal))
     return KeyRing(entries)

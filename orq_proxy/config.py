@@ -134,11 +134,43 @@ class ApiKeyConfig(_Section):
     project: str = "default"
     owner: str | None = None
     admin: bool = False
+    identities: Literal["any", "owner", "prefix"] | None = Field(
+        None,
+        description="Which identities calls with this key may be attributed to (body identity or "
+        'X-ORQ-IDENTITY-ID): "any" (a backend\'s key), "owner" (only its owner), "prefix" (its owner and ids '
+        'starting with identity_prefix). Default: "owner" when the key has an owner, else "any". The owner '
+        "fallback (a call that names no identity) is always allowed.",
+    )
+    identity_prefix: str | None = Field(
+        None, description='With identities = "prefix": the start of every identity id the key may name.'
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeyConfig:
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError("each [[api_keys]] entry needs exactly one of key or key_sha256")
+        return self
+
+    @model_validator(mode="after")
+    def _check_identities(self) -> ApiKeyConfig:
+        # The one place these combinations are checked (`auth.Principal` resolves the default). Pydantic's
+        # error location gives the entry's index (`api_keys.1`); the message adds its id.
+        entry = f"[[api_keys]] entry id={self.id!r}" if self.id else "[[api_keys]] entry (no id)"
+        if self.identities == "owner" and not self.owner:
+            raise ValueError(
+                f'{entry}: identities = "owner" needs an owner (set owner = "<identity id>", or identities '
+                '= "any" for a backend\'s key)'
+            )
+        if self.identities == "prefix" and not self.identity_prefix:
+            raise ValueError(
+                f'{entry}: identities = "prefix" needs a non-empty identity_prefix (e.g. identity_prefix = '
+                '"acme-")'
+            )
+        if self.identity_prefix is not None and self.identities != "prefix":
+            raise ValueError(
+                f'{entry}: identity_prefix only applies with identities = "prefix" (set identities = '
+                '"prefix", or remove identity_prefix)'
+            )
         return self
 
 
@@ -152,6 +184,13 @@ class StorageConfig(_Section):
     )
     counters: str = Field(
         "memory", description='Budget counters: "memory", or "redis://host:6379/0" shared by replicas.'
+    )
+    counters_prefix: str = Field(
+        "orq:budget:",
+        min_length=1,
+        max_length=100,
+        description="Prefix of every Redis key of the budget counters: replicas of one deployment share it; "
+        "two deployments on one Redis need different ones.",
     )
     redis_socket_timeout: float = Field(
         2.0, gt=0, description="Seconds a Redis command may take before the request fails closed (503)."
@@ -186,6 +225,12 @@ class NotifierConfig(_Section):
 class BudgetsConfig(_Section):
     default_max_output_tokens: int = Field(4096, ge=1)
     fail_open: bool = False
+    unpriced: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="A request a cost (amount) budget applies to whose model has no price: 'refuse' (400 "
+        "naming the [prices.\"provider/model\"] table that would price it) or 'allow' (reserved at zero "
+        "cost, logged and counted on /metrics).",
+    )
     reservation_ttl: int | None = Field(
         None,
         ge=1,
@@ -244,6 +289,27 @@ class ProxyConfig(_Section):
     @property
     def open_mode(self) -> bool:
         return not self.api_keys
+
+    def check_workers(self, workers: int) -> None:
+        """Refuse `workers` > 1 when a backend is private to one process: each worker would hold its own
+        identities, budgets, spend or events, and enforce and report only a part of the traffic."""
+        if workers <= 1:
+            return
+        storage = self.storage
+        private = []
+        if not storage.state.startswith(("postgresql://", "postgres://")):
+            private.append(f'state = "{storage.state}" (use "postgresql://...")')
+        if not storage.events.startswith(("postgresql://", "postgres://")):
+            private.append(f'events = "{storage.events}" (use "postgresql://...")')
+        if storage.counters == "memory":
+            private.append('counters = "memory" (use "redis://...")')
+        if storage.spool not in ("auto", "off"):
+            private.append(f'spool = "{storage.spool}" (one directory cannot serve several processes; "off")')
+        if private:
+            changes = ", ".join(private)
+            raise ConfigError(
+                f"--workers {workers} needs state all workers share; change [storage] {changes}"
+            )
 
     def check_bind(self) -> None:
         """Refuse open mode (no keys) on a non-loopback address."""

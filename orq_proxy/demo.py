@@ -64,13 +64,17 @@ class DemoRun:
 
 
 def demo_config(upstream_url: str) -> ProxyConfig:
-    """The demo's configuration: one upstream (the fake), an admin key and a user key owned by `alice`."""
+    """The demo's configuration: one upstream (the fake), an admin key and the app backend's key.
+
+    The backend's key names its users (`ada`, `bob`), so it says `identities = "any"`; its `owner` only
+    attributes the calls that name nobody (with an owner, the default would be `"owner"`: only `alice`).
+    """
     return ProxyConfig.model_validate(
         {
             "upstreams": {"openai": {"base_url": upstream_url, "api_key": UPSTREAM_KEY, "default": True}},
             "api_keys": [
                 {"key": ADMIN_KEY, "id": "admin", "admin": True},
-                {"key": USER_KEY, "id": "app-backend", "owner": "alice"},
+                {"key": USER_KEY, "id": "app-backend", "owner": "alice", "identities": "any"},
             ],
         }
     )

@@ -201,6 +201,11 @@ def _proxied_paths() -> dict[str, Any]:
     responses = {
         "200": _json({"type": "object"}, "the upstream's response (SSE when the request asks to stream)"),
         **_errors(_OPENAI_ERROR, 400, 401, 413, 429, 502, 504),
+        "403": _json(
+            _OPENAI_ERROR,
+            "`identity_not_allowed`: the body identity or `X-ORQ-IDENTITY-ID` names an identity this API key "
+            "may not attribute calls to (its `[[api_keys]] identities` rule); `param` says where it came from",
+        ),
         "default": _json(_OPENAI_ERROR, "the upstream's own error status and body, passed through"),
     }
 
@@ -210,7 +215,13 @@ def _proxied_paths() -> dict[str, Any]:
                 "summary": summary,
                 "description": "Forwarded to the upstream chosen by the model's provider prefix. Attribution: "
                 "body `orq.identity` / top-level `identity`, else header `X-ORQ-IDENTITY-ID`, else the API "
-                "key's owner. Budgets are enforced before forwarding (429).",
+                "key's owner; a key may only name the identities its `identities` rule allows (403 "
+                "`identity_not_allowed`). Budgets are enforced before forwarding (429, whose `error.rejection` says "
+                "what the request would reserve, `requested`, and what is left, `remaining`; 400 "
+                "`unpriced_model` for a model a cost budget cannot price). A body that is not a JSON object "
+                "is a 400 `invalid_json` whatever its content type, except multipart uploads to the APIs "
+                "that take them (audio transcriptions and translations, image edits and variations, files, "
+                "upload parts, container files, videos).",
                 "requestBody": {
                     "required": False,
                     "content": {"application/json": {"schema": {"type": "object"}}},

@@ -7,24 +7,34 @@ Sources, first match wins (spec §5.1):
 3. the API key's `owner`: tags only.
 No source: the request stays unattributed and is still proxied and metered.
 
+Which identities a key may name (`[[api_keys]] identities`, `Principal.identity_refusal`): a body identity or
+header the key may not use is a 403 in OpenAI's shape (`identity_not_allowed`, `param` naming where it came
+from), checked before anything is upserted or looked up, so the store is never called and the budget gate
+never runs. The owner fallback (3) is always allowed.
+
 Neither identity object reaches the upstream: the request layer has already taken orq's whole `orq`
 extension object out of the body (`ctx.orq`), and this layer takes a top-level `identity` out of
 `ctx.body` (setting `ctx.body_changed`). The fields are checked by the same rules as the management API's
 (`identities/rules.py`). The result goes to `ctx.identity` for the budget and metering layers.
 
 Failure policy: fails closed. An invalid identity is a 400 in OpenAI's shape naming the field and the
-limit; a store error propagates (the request layer answers 500).
+limit; one the key may not name, a 403 (`identity_not_allowed`); a store that cannot answer
+(`ServiceUnavailable`, e.g. PostgreSQL down) is a 503 in OpenAI's shape (`identity_unavailable`,
+`Retry-After: 1`); any other store error propagates (the request layer answers 500).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from orq_proxy.auth import OPEN_PRINCIPAL
+from orq_proxy.auth import OPEN_PRINCIPAL, Principal
 from orq_proxy.context import IdentitySource, RequestContext, ResolvedIdentity, get_context
-from orq_proxy.errors import openai_error
+from orq_proxy.errors import ServiceUnavailable, openai_error
 from orq_proxy.identities.models import IdentityFields, normalize_fields
 from orq_proxy.identities.rules import (
     IdentityRuleError,
@@ -36,12 +46,22 @@ from orq_proxy.identities.rules import (
     check_url,
 )
 from orq_proxy.identities.store import IdentityStore
+from orq_proxy.logs import RepeatedFailure
 
-__all__ = ["IDENTITY_HEADER", "IdentityMiddleware", "InvalidIdentityError", "parse_body_identity"]
+__all__ = [
+    "IDENTITY_HEADER",
+    "IdentityMiddleware",
+    "IdentityNotAllowedError",
+    "InvalidIdentityError",
+    "parse_body_identity",
+]
+
+logger = logging.getLogger(__name__)
 
 IDENTITY_HEADER = b"x-orq-identity-id"
 _CONTACT_HEADER = b"x-orq-contact-id"  # what orq's SDK renames a legacy `contactid` header to
 _HEADER_PARAM = "X-ORQ-IDENTITY-ID"
+_CONTACT_HEADER_PARAM = "X-ORQ-CONTACT-ID"
 # The `orq` keys that carry an identity, first match wins, with their paths for error messages.
 _ORQ_KEYS = (("identity", "orq.identity"), ("contact", "orq.contact"))
 
@@ -53,6 +73,24 @@ class InvalidIdentityError(ValueError):
         super().__init__(f"{param}: {rule}")
         self.param = param
         self.rule = rule
+
+
+class IdentityNotAllowedError(PermissionError):
+    """A body identity or identity header this API key may not attribute calls to (its `identities` rule).
+
+    `param` names where the identity came from (`orq.identity.id`, `X-ORQ-IDENTITY-ID`), `rule` the rule.
+    """
+
+    def __init__(self, param: str, rule: str, external_id: str) -> None:
+        super().__init__(f"{param}: {rule}, not {external_id!r}")
+        self.param = param
+        self.rule = rule
+
+
+def _check_allowed(principal: Principal, external_id: str, param: str) -> None:
+    refusal = principal.identity_refusal(external_id)
+    if refusal is not None:
+        raise IdentityNotAllowedError(param, refusal, external_id)
 
 
 def parse_body_identity(raw: Any, where: str) -> tuple[str, IdentityFields]:
@@ -102,16 +140,30 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class IdentityMiddleware:
-    """Sets `ctx.identity` (a `ResolvedIdentity`) on every proxied request, or answers 400.
+    """Sets `ctx.identity` (a `ResolvedIdentity`) on every proxied request, or answers 400, 403 or 503.
 
     Args:
         app: the next layer (budget, metering, upstream).
         store: where body identities are upserted and tagged identities are looked up.
+        on_refused: called (sync, must not raise) with the context and status of every request this layer
+            answers itself (400, 403, 503), so it is still a usage event; app.py passes metering's
+            `record_unforwarded`.
     """
 
-    def __init__(self, app: ASGIApp, *, store: IdentityStore) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: IdentityStore,
+        on_refused: Callable[[RequestContext, int], None] | None = None,
+    ) -> None:
         self.app = app
         self.store = store
+        self.on_refused = on_refused
+        # An outage fails every request alike: log it once with its cause, then a summary per 10 s.
+        self._store_failures = RepeatedFailure(
+            logger, "identity store failed; refusing with 503 (fail closed)", expected=(ServiceUnavailable,)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,9 +174,29 @@ class IdentityMiddleware:
             ctx.identity = await self._resolve(ctx, scope)
         except InvalidIdentityError as exc:
             response = openai_error(400, str(exc), param=exc.param, code="invalid_identity")
-            await response(scope, receive, send)
+            await self._refuse(ctx, response, scope, receive, send)
             return
+        except IdentityNotAllowedError as exc:
+            response = openai_error(403, str(exc), param=exc.param, code="identity_not_allowed")
+            await self._refuse(ctx, response, scope, receive, send)
+            return
+        except ServiceUnavailable as exc:
+            self._store_failures.failed(exc)  # once with its cause, then a summary every 10 s
+            response = openai_error(
+                503, "identity service unavailable", code="identity_unavailable", headers={"Retry-After": "1"}
+            )
+            await self._refuse(ctx, response, scope, receive, send)
+            return
+        if self._store_failures.failing:
+            self._store_failures.succeeded()
         await self.app(scope, receive, send)
+
+    async def _refuse(
+        self, ctx: RequestContext, response: Response, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        await response(scope, receive, send)
+        if self.on_refused is not None:
+            self.on_refused(ctx, response.status_code)
 
     async def _resolve(self, ctx: RequestContext, scope: Scope) -> ResolvedIdentity | None:
         principal = ctx.principal or OPEN_PRINCIPAL
@@ -144,14 +216,19 @@ class IdentityMiddleware:
                     break
         if raw is not None:
             external_id, fields = parse_body_identity(raw, where)
+            # Before the upsert: a refused identity writes nothing.
+            _check_allowed(principal, external_id, f"{where}.id")
             record = await self.store.upsert(workspace, external_id, fields)
             return ResolvedIdentity(external_id, "body", record.id, list(record.tags))
-        header = _header(scope, IDENTITY_HEADER) or _header(scope, _CONTACT_HEADER)
+        header, header_param = _header(scope, IDENTITY_HEADER), _HEADER_PARAM
+        if header is None:
+            header, header_param = _header(scope, _CONTACT_HEADER), _CONTACT_HEADER_PARAM
         if header is not None:
             try:
                 check_external_id(header, _HEADER_PARAM)
             except IdentityRuleError as exc:
                 raise InvalidIdentityError(exc.field, exc.rule) from exc
+            _check_allowed(principal, header, header_param)
             return await self._tag(workspace, header, "header")
         if principal.owner:
             return await self._tag(workspace, principal.owner, "owner")

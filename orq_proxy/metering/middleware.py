@@ -226,7 +226,10 @@ class MeteringMiddleware:
                 logger.exception("request %s: usage listener %r failed", ctx.request_id, listener)
         if self.prom is not None:
             try:
-                self.prom.observe(event)
+                estimated = None
+                if event.usage_source == "exact" and event.input_tokens and ctx.product in TOKEN_PRODUCTS:
+                    estimated = estimate_input_tokens(ctx.body, len(ctx.raw_body))  # for the error histogram
+                self.prom.observe(event, estimated)
             except Exception:
                 logger.exception("request %s: prometheus update failed", ctx.request_id)
         try:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_BUCKETS",
+    "ESTIMATE_RATIO_BUCKETS",
     "OTHER",
     "ConnectionCounts",
     "PrometheusMetrics",
@@ -41,6 +42,8 @@ __all__ = [
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# actual / estimated input tokens (the estimate is ~4 bytes per token): below 1 the estimate was high.
+ESTIMATE_RATIO_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0)
 OTHER = "__other__"
 _TOKEN_KINDS = ("input", "output", "cached_input", "reasoning")
 # The `product` label's values (the API a path belongs to); a client-chosen path outside them is `other`.
@@ -67,6 +70,9 @@ _PRODUCTS = frozenset(
 )
 
 _LabelKey = tuple[str, ...]
+# The usage event's metadata key the budget gate sets when it let an unpriced model through a cost budget
+# (`budgets.middleware.UNPRICED_ALLOWED_KEY`; a slice does not import another slice's middleware).
+_UNPRICED_ALLOWED = "unpriced_allowed"
 
 
 def _escape(value: str) -> str:
@@ -123,8 +129,10 @@ class PrometheusMetrics:
         self.cost_nanos: dict[_LabelKey, int] = {}
         self.estimated: dict[_LabelKey, int] = {}
         self.unpriced: dict[tuple[str, str], int] = {}
+        self.unpriced_allowed: dict[tuple[str, str], int] = {}
         self.latency: dict[tuple[str, str], _Histogram] = {}
         self.ttft: dict[tuple[str, str], _Histogram] = {}
+        self.estimate_ratio: dict[tuple[str, str], _Histogram] = {}
 
     def _key(self, event: UsageEvent) -> _LabelKey:
         provider = event.provider or ""
@@ -140,8 +148,9 @@ class PrometheusMetrics:
             return key
         return (key[0], OTHER, *(OTHER for _ in key[2:]))
 
-    def observe(self, event: UsageEvent) -> None:
-        """Count one settled request."""
+    def observe(self, event: UsageEvent, estimated_input_tokens: int | None = None) -> None:
+        """Count one settled request; `estimated_input_tokens`: the proxy's estimate of its input, when
+        the upstream reported the actual count (for the estimate-error histogram)."""
         base = self._bounded(self.tokens, self._key(event))
         product = event.product if event.product in _PRODUCTS else "other"
         req_key = (*base, product, event.status)
@@ -159,7 +168,17 @@ class PrometheusMetrics:
             self.estimated[base] = self.estimated.get(base, 0) + 1
         if event.price_source == "unknown" and (event.input_tokens or event.output_tokens):
             self.unpriced[pm] = self.unpriced.get(pm, 0) + 1
+        metadata = event.metadata
+        if metadata and metadata.get(_UNPRICED_ALLOWED) == "1":
+            self.unpriced_allowed[pm] = self.unpriced_allowed.get(pm, 0) + 1
         self._observe(self.latency, pm, event.latency_ms / 1000.0)
+        if estimated_input_tokens and event.input_tokens:
+            ratio = self.estimate_ratio.get(pm)
+            if ratio is None:
+                ratio = self.estimate_ratio[pm] = _Histogram(len(ESTIMATE_RATIO_BUCKETS))
+            value = event.input_tokens / estimated_input_tokens
+            ratio.counts[bisect.bisect_left(ESTIMATE_RATIO_BUCKETS, value)] += 1
+            ratio.sum += value
         if event.ttft_ms is not None:
             self._observe(self.ttft, pm, event.ttft_ms / 1000.0)
 
@@ -201,6 +220,13 @@ class PrometheusMetrics:
         head("orq_proxy_unpriced_requests_total", "counter", "Requests with tokens but no known price.")
         for pm, n in sorted(self.unpriced.items()):
             lines.append(f"orq_proxy_unpriced_requests_total{_labels(('provider', 'model'), pm)} {n}")
+        head(
+            "orq_proxy_budget_unpriced_allowed_total",
+            "counter",
+            'Requests with an unpriced model let through a cost budget ([budgets] unpriced = "allow").',
+        )
+        for pm, n in sorted(self.unpriced_allowed.items()):
+            lines.append(f"orq_proxy_budget_unpriced_allowed_total{_labels(('provider', 'model'), pm)} {n}")
         self._render_histogram(
             lines,
             "orq_proxy_request_duration_seconds",
@@ -209,6 +235,13 @@ class PrometheusMetrics:
         )
         self._render_histogram(
             lines, "orq_proxy_time_to_first_token_seconds", "Streams: arrival to first body byte.", self.ttft
+        )
+        self._render_histogram(
+            lines,
+            "orq_proxy_input_tokens_actual_over_estimate",
+            "Upstream-reported input tokens / the proxy's estimate (~4 bytes per token), per request.",
+            self.estimate_ratio,
+            ESTIMATE_RATIO_BUCKETS,
         )
         if bus is not None:
             stats = bus.stats()
@@ -248,14 +281,19 @@ class PrometheusMetrics:
         return "\n".join(lines) + "\n"
 
     def _render_histogram(
-        self, lines: list[str], name: str, help_text: str, table: dict[tuple[str, str], _Histogram]
+        self,
+        lines: list[str],
+        name: str,
+        help_text: str,
+        table: dict[tuple[str, str], _Histogram],
+        buckets: Sequence[float] | None = None,
     ) -> None:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} histogram")
         names = ("provider", "model")
         for key, hist in sorted(table.items()):
             cumulative = 0
-            for bound, n in zip((*self.buckets, float("inf")), hist.counts, strict=True):
+            for bound, n in zip((*(buckets or self.buckets), float("inf")), hist.counts, strict=True):
                 cumulative += n
                 le = "+Inf" if bound == float("inf") else _num(bound)
                 labels = _labels(names, key, 'le="' + le + '"')

@@ -3,7 +3,8 @@
 `RequestMiddleware` gives every response `x-request-id`, creates the `RequestContext`, refuses a path with a
 `.` or `..` segment (400, encoded or not: it would reach the upstream as written) and answers 500 if an
 inner layer raises before the response started (the exception propagates). `BodyMiddleware` reads the
-whole request body (up to `max_body_bytes`, else 413), parses a JSON object body once into the context,
+whole request body (up to `max_body_bytes`, else 413), parses it once into the context as a JSON object
+(400 for any other body, whatever its content type, except a multipart upload to an API that takes one),
 takes orq's `orq` extension object out of it (`ctx.orq`, where the slices read their own keys; it must
 never reach an upstream), and replays the body to the inner layers. Other orq-specific top-level fields
 are taken out by the slice they belong to.
@@ -56,6 +57,14 @@ _PRODUCTS = {
 # A `.` or `..` segment, separated by `/` or by `\` (which some servers read as `/`), with or without a
 # `;param` suffix (servlet containers read `..;` as `..`).
 _DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:;[^/\\]*)?(?=[/\\]|$)")
+# The APIs whose bodies are multipart uploads (`multipart/form-data`), the only bodies forwarded unparsed:
+# audio transcriptions and translations, image edits and variations, files, upload parts, container files
+# and videos (with an input reference). Their model (if any) is a form field the proxy does not read; their
+# answers carry no model either, so metering and the budget gate both price them at zero.
+_UPLOAD_PATH = re.compile(
+    r"^/(?:audio/(?:transcriptions|translations)|images/(?:edits|variations)|files"
+    r"|uploads/[^/]+/parts|containers/[^/]+/files|videos)/?$"
+)
 # Percent-decoding rounds looked through: the server decoded `path` once; an upstream (or a proxy in front
 # of it) that decodes again would see `%252e%252e` as `..`.
 _DECODE_ROUNDS = 3
@@ -278,27 +287,40 @@ def _json_type(value: Any) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
+def _is_upload(path: str, content_type: bytes | None) -> bool:
+    """A multipart upload to an API that takes one (see `_UPLOAD_PATH`)."""
+    return (
+        content_type is not None
+        and content_type[:19].lower() == b"multipart/form-data"
+        and _UPLOAD_PATH.match(path) is not None
+    )
+
+
 def _parse_body(ctx: RequestContext, content_type: bytes | None) -> Any:
-    """Parse a JSON object body into `ctx` and lift `orq` out of it. Returns an error response for a JSON
-    body that does not parse, else None. Non-JSON bodies (multipart uploads) stay opaque."""
+    """Parse a JSON object body into `ctx` and lift `orq` out of it. Returns an error response for a body
+    that is not a JSON object, whatever its content type, else None. Only multipart uploads to the APIs that
+    take them stay opaque."""
     raw = ctx.raw_body
     if not raw:
         return None
-    is_json = content_type is not None and b"json" in content_type.lower()
-    if not is_json and raw[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+    # Whatever the content type says: an upstream's parser may read a `text/plain` body as JSON (NaN and
+    # all), and a body left unparsed here would reach it with its `orq` object, its identity, no model for
+    # the budget gate to price and nothing for metering to estimate from.
+    if _is_upload(ctx.path, content_type):
         return None
     try:
         data = parse_json_body(raw)
     except JSONBodyError as exc:
-        if not is_json:
-            return None
+        if content_type is not None and content_type[:19].lower() == b"multipart/form-data":
+            message = f"{ctx.path} takes a JSON body, not multipart/form-data"
+            return openai_error(400, message, code="invalid_json")
         return openai_error(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json", param=exc.path
         )
     if not isinstance(data, dict):
-        if is_json:
-            return openai_error(400, "the request body must be a JSON object", code="invalid_json")
-        return None
+        return openai_error(
+            400, f"the request body must be a JSON object, got {_json_type(data)}", code="invalid_json"
+        )
     ctx.body = data
     if "orq" in data:
         orq = data.pop("orq")

@@ -27,12 +27,14 @@ Deterministic usage:
   as a string counts as one message; as a list, each item's `content` (string or parts); `instructions`
   count as one more message. Legacy completions and embeddings: words of each prompt/input string (token
   arrays count their length), no per-message overhead; embeddings have no completion tokens.
+- `n` (chat, legacy completions) answers that many choices, each of the same words; legacy `best_of`
+  generates (and bills) `max(n, best_of)`: `completion_tokens` counts every generated choice.
 - Completion: `words` words (default 8, or `x-fake-words`), capped by `max_completion_tokens`,
   `max_tokens` (chat, completions) or `max_output_tokens` (responses); a capped answer ends with
   `finish_reason: "length"` (responses: `status: "incomplete"`). One word per content chunk.
 - `completion_tokens` = words + reasoning tokens (OpenAI counts reasoning in completion tokens);
   `cached_tokens` (never more than the prompt) and `reasoning_tokens` are 0 unless a header asks.
-- The echoed `model` is the requested model.
+- The echoed `model` is the requested model (or `x-fake-model`).
 
 Per-request control through request headers (the proxy forwards client headers, so tests use the
 openai SDK's `extra_headers`):
@@ -48,6 +50,8 @@ openai SDK's `extra_headers`):
 | `x-fake-omit-usage: 1` | no `usage` in JSON answers and no usage chunk/field in streams |
 | `x-fake-cached-tokens: N` | report N cached prompt tokens |
 | `x-fake-reasoning-tokens: N` | report N reasoning tokens (added to the completion tokens) |
+| `x-fake-model: NAME` | answer as model NAME (an alias or deployment name the upstream resolves to another model) |
+| `x-fake-prompt-tokens: RULE` | how prompt tokens are counted: `words` (default), `chars` (one per non-space character, as CJK tokenizes) or `bytes/N` (UTF-8 bytes / N, rounded up per text) |
 | `x-fake-usage-chunk: SHAPE` | chat streams with include_usage: where the usage goes. `openai` (default, as above); `litellm` (LiteLLM's proxy: no `"usage": null`, the usage on a last chunk with `"choices": [{"index": 0, "delta": {}}]`); `vllm-continuous` (vLLM's `continuous_usage_stats`: the usage so far on every chunk, all of it on the `finish_reason` chunk, then the `choices: []` chunk); `on-finish` (only on the `finish_reason` chunk). Without include_usage every shape sends the same stream |
 
 Timing knobs: `latency` delays every answer before its headers; `ttft` and `chunk_delay` only apply to
@@ -84,7 +88,10 @@ __all__ = [
     "WORDS",
     "FakeUpstream",
     "RecordedRequest",
+    "TokenCounter",
     "build_fake_upstream",
+    "count_bytes",
+    "count_chars",
     "count_words",
     "main",
 ]
@@ -151,43 +158,61 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def _content_words(content: Any) -> int:
+def count_chars(text: str) -> int:
+    """Tokens of one text under `x-fake-prompt-tokens: chars`: one per non-space character (as real
+    tokenizers count CJK text, about one token per 3-byte character)."""
+    return len(text) - sum(text.count(c) for c in " \t\n\r")
+
+
+def count_bytes(bytes_per_token: int) -> Callable[[str], int]:
+    """Tokens of one text under `x-fake-prompt-tokens: bytes/N`: its UTF-8 bytes / N, rounded up."""
+
+    def count(text: str) -> int:
+        return -(-len(text.encode("utf-8", "surrogatepass")) // bytes_per_token)
+
+    return count
+
+
+TokenCounter = Callable[[str], int]
+
+
+def _content_words(content: Any, count: TokenCounter = count_words) -> int:
     if isinstance(content, str):
-        return count_words(content)
+        return count(content)
     if isinstance(content, list):
         total = 0
         for part in content:
             if isinstance(part, str):
-                total += count_words(part)
+                total += count(part)
             elif isinstance(part, dict):
                 text = part.get("text")
                 if isinstance(text, str):
-                    total += count_words(text)
+                    total += count(text)
         return total
     return 0
 
 
-def _messages_tokens(messages: Any) -> int:
+def _messages_tokens(messages: Any, count: TokenCounter = count_words) -> int:
     if not isinstance(messages, list):
         return 0
     total = 0
     for message in messages:
         total += TOKENS_PER_MESSAGE
         if isinstance(message, dict):
-            total += _content_words(message.get("content"))
+            total += _content_words(message.get("content"), count)
     return total
 
 
-def _responses_prompt_tokens(body: dict[str, Any]) -> int:
+def _responses_prompt_tokens(body: dict[str, Any], count: TokenCounter = count_words) -> int:
     total = 0
     items = body.get("input")
     if isinstance(items, str):
-        total += TOKENS_PER_MESSAGE + count_words(items)
+        total += TOKENS_PER_MESSAGE + count(items)
     else:
-        total += _messages_tokens(items)
+        total += _messages_tokens(items, count)
     instructions = body.get("instructions")
     if isinstance(instructions, str):
-        total += TOKENS_PER_MESSAGE + count_words(instructions)
+        total += TOKENS_PER_MESSAGE + count(instructions)
     return total
 
 
@@ -240,9 +265,9 @@ def _inputs(value: Any) -> list[Any]:
     return []
 
 
-def _input_tokens(item: Any) -> int:
+def _input_tokens(item: Any, count: TokenCounter = count_words) -> int:
     if isinstance(item, str):
-        return count_words(item)
+        return count(item)
     if isinstance(item, list):
         return len(item)
     return 0
@@ -282,6 +307,8 @@ class _Plan:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     usage_chunk: str = "openai"
+    count: TokenCounter = count_words  # prompt tokens of one text (`x-fake-prompt-tokens`)
+    answer_model: str = ""  # `x-fake-model`: the model the answer names (default: the requested one)
 
 
 @dataclass(slots=True)
@@ -452,6 +479,8 @@ class FakeUpstream:
         if not isinstance(requested, str) or not requested:
             await _send_error(send, 400, "you must provide a model parameter", "invalid_request_error", None)
             return
+        if plan.answer_model:  # an alias or deployment name answered by another model
+            parsed = {**parsed, "model": plan.answer_model}
         await handler(parsed, plan, send, record, receive)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -528,8 +557,9 @@ class FakeUpstream:
     ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_completion_tokens", "max_tokens")
+        n = _count_field(body, "n")
         finish = "length" if capped else "stop"
-        usage = _chat_usage(_messages_tokens(body.get("messages")), n_words, plan)
+        usage = _chat_usage(_messages_tokens(body.get("messages"), plan.count), n_words * n, plan)
         created = int(time.time())
         cid = "chatcmpl-" + self._next_id()
         if not body.get("stream"):
@@ -540,7 +570,7 @@ class FakeUpstream:
                 "model": model,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": index,
                         "message": {
                             "role": "assistant",
                             "content": " ".join(_words(n_words)),
@@ -550,6 +580,7 @@ class FakeUpstream:
                         "logprobs": None,
                         "finish_reason": finish,
                     }
+                    for index in range(n)
                 ],
                 "service_tier": "default",
                 "system_fingerprint": SYSTEM_FINGERPRINT,
@@ -578,6 +609,12 @@ class FakeUpstream:
             events.append((head + delta + ',"logprobs":null,"finish_reason":null}]' + tail).encode())
         last = (head + f'{{}},"logprobs":null,"finish_reason":"{finish}"}}]' + tail).encode()
         events.append(last)
+        if n > 1:  # each further choice streams the same chunks under its own index, one choice after another
+            first = [e for e in events if e is not None]
+            for index in range(1, n):
+                marker = f'"choices":[{{"index":{index},'.encode()
+                events.extend(e.replace(b'"choices":[{"index":0,', marker, 1) for e in first)
+            last = first[-1].replace(b'"choices":[{"index":0,', f'"choices":[{{"index":{n - 1},'.encode(), 1)
         if shape == "litellm":
             events.append((head + '{}}],"usage":' + _dumps(usage) + "}\n\n").encode())
         elif shape == "on-finish":
@@ -602,9 +639,11 @@ class FakeUpstream:
     ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_tokens")
+        n = _count_field(body, "n")
+        generated = max(n, _count_field(body, "best_of"))  # best_of candidates are generated and billed
         finish = "length" if capped else "stop"
-        prompt_tokens = sum(_input_tokens(p) for p in _inputs(body.get("prompt")))
-        usage = _chat_usage(prompt_tokens, n_words, plan)
+        prompt_tokens = sum(_input_tokens(p, plan.count) for p in _inputs(body.get("prompt")))
+        usage = _chat_usage(prompt_tokens, n_words * generated, plan)
         created = int(time.time())
         cid = "cmpl-" + self._next_id()
         if not body.get("stream"):
@@ -615,7 +654,8 @@ class FakeUpstream:
                 "model": model,
                 "system_fingerprint": SYSTEM_FINGERPRINT,
                 "choices": [
-                    {"text": " ".join(_words(n_words)), "index": 0, "logprobs": None, "finish_reason": finish}
+                    {"text": " ".join(_words(n_words)), "index": i, "logprobs": None, "finish_reason": finish}
+                    for i in range(n)
                 ],
             }
             if not plan.omit_usage:
@@ -652,7 +692,7 @@ class FakeUpstream:
         self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
     ) -> None:
         n_words, capped = self._answer_words(plan, body, "max_output_tokens")
-        prompt_tokens = _responses_prompt_tokens(body)
+        prompt_tokens = _responses_prompt_tokens(body, plan.count)
         usage_json = "null"
         if not plan.omit_usage:
             usage_json = _dumps(
@@ -740,7 +780,7 @@ class FakeUpstream:
                 base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
             )
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        prompt_tokens = sum(_input_tokens(item) for item in inputs)
+        prompt_tokens = sum(_input_tokens(item, plan.count) for item in inputs)
         answer: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
         if not plan.omit_usage:
             answer["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
@@ -784,6 +824,12 @@ def build_fake_upstream(
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def _count_field(body: dict[str, Any], name: str) -> int:
+    """`n` / `best_of` as the upstream reads it: a positive integer, 1 when absent or not one."""
+    value = body.get(name)
+    return value if type(value) is int and value > 1 else 1
 
 
 def _words(n: int) -> list[str]:
@@ -848,6 +894,12 @@ def _apply_controls(plan: _Plan, headers: list[tuple[bytes, bytes]]) -> None:
         if key == "x-fake-omit-usage":
             plan.omit_usage = value.lower() not in ("", "0", "false", "no")
             continue
+        if key == "x-fake-model":
+            plan.answer_model = value
+            continue
+        if key == "x-fake-prompt-tokens":
+            plan.count = _prompt_rule(value)
+            continue
         if key == "x-fake-usage-chunk":
             if value.lower() not in _USAGE_CHUNK_SHAPES:
                 raise ValueError(f"{key} must be one of {', '.join(_USAGE_CHUNK_SHAPES)}, got {value!r}")
@@ -876,6 +928,19 @@ def _apply_controls(plan: _Plan, headers: list[tuple[bytes, bytes]]) -> None:
         elif key == "x-fake-reasoning-tokens":
             plan.reasoning_tokens = number
         # Unknown x-fake-* headers are ignored, like any unknown header.
+
+
+def _prompt_rule(value: str) -> TokenCounter:
+    """`x-fake-prompt-tokens`: `words` (the default), `chars` (one per non-space character, as CJK text
+    tokenizes) or `bytes/N` (UTF-8 bytes / N, rounded up: `bytes/2` counts twice the 4-bytes rule)."""
+    rule = value.lower()
+    if rule == "words":
+        return count_words
+    if rule == "chars":
+        return count_chars
+    if rule.startswith("bytes/") and rule[6:].isdigit() and int(rule[6:]) > 0:
+        return count_bytes(int(rule[6:]))
+    raise ValueError(f"x-fake-prompt-tokens must be words, chars or bytes/N (N >= 1), got {value!r}")
 
 
 async def _watch_disconnect(receive: Receive, stream: _Stream) -> None:

@@ -4,14 +4,17 @@ upstreams that omit usage). A conservative ~4 bytes per token, rounded up, as Op
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 __all__ = [
     "BYTES_PER_TOKEN",
     "MAX_OUTPUT_TOKENS",
+    "MAX_RESERVED_OUTPUT_TOKENS",
     "estimate_input_tokens",
     "estimate_tokens_from_bytes",
     "max_output_tokens",
+    "output_multiplier",
 ]
 
 BYTES_PER_TOKEN = 4
@@ -20,6 +23,10 @@ _NOT_TEXT_KEYS = frozenset({"role", "type", "name", "image_url"})
 # The largest output cap an estimate takes at face value (OpenAI's own limit is a 32-bit integer). A
 # client's `max_tokens: 1e300` is capped here, so a budget reservation stays a sane 64-bit number.
 MAX_OUTPUT_TOKENS = 2**31 - 1
+# The most output a reservation counts (cap x multiplier): a client's `n: 1e9` makes a huge reservation that
+# any budget refuses, while the nano-USD amount (tokens x the dearest per-token rate) stays far below 2**63,
+# which the Redis counters' integer arithmetic needs.
+MAX_RESERVED_OUTPUT_TOKENS = 2**40
 
 
 def estimate_tokens_from_bytes(n: int) -> int:
@@ -86,3 +93,28 @@ def max_output_tokens(body: dict[str, Any] | None, default: int) -> int:
                 # min() first: a float too large for int() (or inf) never reaches the conversion.
                 return int(min(value, MAX_OUTPUT_TOKENS))
     return default
+
+
+def _count(value: Any) -> int:
+    """A count from a body field (`n`, `best_of`), rounded up, at least 1. A string holding a number counts
+    as that number: lenient upstreams (pydantic's lax mode, as vLLM's) read `"8"` as 8."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return 1
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 1:
+        # min() first: inf and huge floats never reach the conversion (nan compares false: counted as 1).
+        return math.ceil(min(value, MAX_RESERVED_OUTPUT_TOKENS))
+    return 1
+
+
+def output_multiplier(body: dict[str, Any] | None) -> int:
+    """How many outputs of the cap's size one request can be billed for: `n` (choices, images), and for
+    legacy completions `best_of` (the server generates `best_of` candidates and returns `n` of them, and
+    `best_of >= n`, so the larger of the two is what is billed; a value that is not a number counts as 1)."""
+    if not body:
+        return 1
+    n = _count(body.get("n"))
+    best_of = _count(body.get("best_of"))
+    return n if n >= best_of else best_of

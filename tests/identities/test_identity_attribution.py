@@ -28,7 +28,8 @@ OTHER_WS = "sk-other"
 KEYS = [
     {"key": ADMIN, "id": "admin", "admin": True},
     {"key": USER, "id": "user"},
-    {"key": OWNED, "id": "owned", "owner": "key-owner"},
+    # An owner and explicitly "any" (the default with an owner is "owner"): the precedence test names others.
+    {"key": OWNED, "id": "owned", "owner": "key-owner", "identities": "any"},
     {"key": OTHER_WS, "id": "other", "workspace": "ws_other", "admin": True},
 ]
 MESSAGES: list[Any] = [{"role": "user", "content": "hello from a tagged user"}]
@@ -230,6 +231,9 @@ def test_invalid_identity_is_400(
     assert isinstance(body, dict)
     assert body["param"] == param and limit in body["message"]
     assert fake.requests == []
+    # Refused by the identity layer, it is still one usage event (status ERROR, its 400, no usage).
+    (event,) = proxy.events(1)
+    assert (event.status, event.http_status, event.total_tokens, event.identity) == ("ERROR", 400, 0, None)
 
 
 def test_workspace_isolation_on_calls(proxy: Proxy, fake: FakeUpstream) -> None:

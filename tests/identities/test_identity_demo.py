@@ -10,7 +10,8 @@ from orq_proxy.testing.fake_upstream import FakeUpstream
 
 def test_demo_identity_step(proxy_factory: Any, fake: FakeUpstream) -> None:
     """The step upserts `ada` and prints her 30-day figures (one request, some tokens)."""
-    keys = [{"key": ADMIN_KEY, "admin": True}, {"key": USER_KEY, "owner": "alice"}]
+    # The demo's app backend names its users (ada): explicitly "any", as `demo_config` has it.
+    keys = [{"key": ADMIN_KEY, "admin": True}, {"key": USER_KEY, "owner": "alice", "identities": "any"}]
     app, server = proxy_factory({"api_keys": keys})
     lines: list[str] = []
     step_identities(DemoRun(proxy=app, url=server.url, fake=fake, out=lines.append))

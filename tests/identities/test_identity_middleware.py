@@ -21,7 +21,8 @@ from orq_proxy.testing.clock import FakeClock
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 KEYS = {
     "sk-a": Principal(workspace="ws_a", project="p", key_id="a"),
-    "sk-owned": Principal(workspace="ws_a", project="p", key_id="owned", owner="key-owner"),
+    # With an owner the default is "owner"; explicitly "any" so the precedence test may name others.
+    "sk-owned": Principal(workspace="ws_a", project="p", key_id="owned", owner="key-owner", identities="any"),
     "sk-b": Principal(workspace="ws_b", project="p", key_id="b"),
 }
 

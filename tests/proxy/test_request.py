@@ -234,3 +234,65 @@ def test_dots_inside_names_are_forwarded(proxy_factory: Any, fake: FakeUpstream)
     finally:
         conn.close()
     assert [r.path for r in fake.requests] == ["/v1/models/gpt-4.1"]
+
+
+MULTIPART = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/v1/audio/transcriptions", True),
+        ("/v1/audio/translations", True),
+        ("/v1/images/edits", True),
+        ("/v1/images/variations", True),
+        ("/v1/files", True),
+        ("/v1/uploads/upload_abc/parts", True),
+        ("/v1/containers/cntr_1/files", True),
+        ("/v1/videos", True),
+        ("/v2/router/audio/transcriptions", True),
+        ("/v1/chat/completions", False),
+        ("/v1/responses", False),
+        ("/v1/embeddings", False),
+        ("/v1/audio/speech", False),
+        ("/v1/images/generations", False),
+        ("/v1/uploads", False),
+        ("/v1/files/file_1/content", False),
+    ],
+)
+def test_multipart_is_forwarded_unparsed_only_to_upload_apis(
+    proxy_factory: Any, fake: FakeUpstream, path: str, forwarded: bool
+) -> None:
+    """A multipart body reaches the upstream as sent on the APIs that take uploads; on any other path it
+    is a 400 (those take JSON, and the proxy must read the body to attribute, budget and meter it)."""
+    _, server = proxy_factory()
+    response = httpx.post(
+        server.url + path, content=MULTIPART, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    if forwarded:
+        assert [(r.path, r.body) for r in fake.requests] == [(path.replace("/v2/router", "/v1"), MULTIPART)]
+        assert response.status_code == 404  # the fake has none of these APIs: its own answer
+    else:
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+        assert "takes a JSON body, not multipart/form-data" in response.json()["error"]["message"]
+        assert fake.requests == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", None, "application/json"])
+def test_non_json_bodies_are_400_whatever_the_content_type(
+    proxy_factory: Any, fake: FakeUpstream, content_type: str | None
+) -> None:
+    """JSON with NaN, an array or plain text: a 400 naming the problem under any content type, and the
+    upstream never sees it; a JSON object under `text/plain` is still read as JSON."""
+    _, server = proxy_factory()
+    headers = {"content-type": content_type} if content_type else {}
+    for raw, needle in [
+        (b'{"model": "gpt-4o", "temperature": NaN}', "NaN"),
+        (b'["gpt-4o"]', "must be a JSON object, got an array"),
+        (b"hello", "not valid JSON"),
+    ]:
+        response = httpx.post(server.url + CHAT, content=raw, headers=headers)
+        assert response.status_code == 400 and needle in response.json()["error"]["message"], raw
+    assert fake.requests == []
+    response = httpx.post(server.url + CHAT, content=BODY, headers=headers)
+    assert response.status_code == 200 and fake.requests[0].json["model"] == "gpt-4o"

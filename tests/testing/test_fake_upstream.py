@@ -525,3 +525,84 @@ def test_cli_serves_on_the_given_port() -> None:
         proc.terminate()
         output = proc.communicate(timeout=10)[0]
     assert f"http://127.0.0.1:{port}/v1" in output, output
+
+
+def test_n_answers_that_many_choices_and_bills_them(client: openai.OpenAI) -> None:
+    """`n` choices, each the same words; completion tokens count all of them (JSON and stream)."""
+    answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, n=3, max_tokens=5)  # type: ignore[arg-type]
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert all(
+        c.finish_reason == "length" and c.message.content == "The quick brown fox jumps"
+        for c in answer.choices
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 15
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            n=2,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    assert texts == {0: "The quick brown", 1: "The quick brown"} and finishes == {0: "length", 1: "length"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
+def test_best_of_bills_every_candidate(client: openai.OpenAI) -> None:
+    """Legacy completions: `n` choices returned, `max(n, best_of)` generated and billed."""
+    answer = client.completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=4, n=2, best_of=5
+    )
+    assert len(answer.choices) == 2 and answer.usage is not None and answer.usage.completion_tokens == 20
+
+
+@pytest.mark.parametrize(
+    ("rule", "tokens"),
+    [("words", 2 + 4), ("chars", 8 + 4), ("bytes/1", 13 + 4), ("bytes/4", 4 + 4), ("BYTES/3", 5 + 4)],
+)
+def test_x_fake_prompt_tokens_rules(client: openai.OpenAI, rule: str, tokens: int) -> None:
+    """`x-fake-prompt-tokens` picks how prompt tokens are counted: words, characters or bytes / N."""
+    messages = [{"role": "user", "content": "预算 budget"}]  # 2 words, 8 non-space characters, 13 UTF-8 bytes
+    answer = client.chat.completions.create(
+        model="gpt-4o",
+        messages=messages,  # type: ignore[arg-type]
+        extra_headers={"x-fake-prompt-tokens": rule},
+    )
+    assert answer.usage is not None and answer.usage.prompt_tokens == tokens
+    response = client.responses.create(
+        model="gpt-4o", input="预算 budget", extra_headers={"x-fake-prompt-tokens": rule}
+    )
+    assert response.usage is not None and response.usage.input_tokens == tokens
+    vector = client.embeddings.create(
+        model="text-embedding-3-small", input="预算 budget", extra_headers={"x-fake-prompt-tokens": rule}
+    )
+    assert vector.usage.prompt_tokens == tokens - 4
+
+
+@pytest.mark.parametrize("rule", ["bytes/0", "bytes/x", "tokens"])
+def test_x_fake_prompt_tokens_bad_rule_is_400(base_url: str, rule: str) -> None:
+    """An unknown counting rule is a 400 naming the header."""
+    response = httpx.post(
+        base_url + "/chat/completions",
+        json={"model": "gpt-4o", "messages": []},
+        headers={"x-fake-prompt-tokens": rule},
+    )
+    assert response.status_code == 400 and "x-fake-prompt-tokens" in response.json()["error"]["message"]
+
+
+def test_x_fake_model_answers_as_another_model(client: openai.OpenAI) -> None:
+    """`x-fake-model` names the model in the answer (an alias resolved upstream)."""
+    answer = client.chat.completions.create(
+        model="my-alias",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"x-fake-model": "gpt-4o"},
+    )
+    assert answer.model == "gpt-4o"
