@@ -55,6 +55,7 @@ from orq_proxy.budgets.counters import (
 from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
 from orq_proxy.budgets.periods import window
 from orq_proxy.errors import ServiceUnavailable
+from orq_proxy.ids import new_request_id
 from orq_proxy.usage.events import BudgetConsumption
 
 if TYPE_CHECKING:
@@ -410,7 +411,7 @@ class RedisCounters:
     async def _try_reserve(
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
     ) -> Reservation | Rejection | None:
-        reservation_id = str(ULID())
+        reservation_id = new_request_id()  # a ULID without python-ulid's urandom syscall (orq_proxy/ids.py)
         keys: list[str] = []
         args: list[Any] = [repr(now.timestamp()), cost_nanos, tokens, reservation_id, self.reservation_ttl]
         args += [len(budgets), self.reservation_ttl + _LATE_SETTLE_SECONDS]
