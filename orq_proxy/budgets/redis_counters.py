@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
@@ -52,7 +53,7 @@ from orq_proxy.budgets.counters import (
     ReservedBudget,
     frees_at,
 )
-from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Usage
+from orq_proxy.budgets.models import ALERT_DIMENSION_COST, Budget, Period, Usage
 from orq_proxy.budgets.periods import window
 from orq_proxy.errors import ServiceUnavailable
 from orq_proxy.ids import new_request_id
@@ -316,6 +317,10 @@ class RedisCounters:
         self._restore = client.register_script(_RESTORE)
         # reserve / settle / release (two per request) on one pipelined connection when given (_resp.py)
         self._hot_path = hot_path
+        # (period, zone) -> (start ts, end ts, sig, start text, start, end) of the last window computed
+        self._windows: dict[
+            tuple[Period, str | None], tuple[float, float, str, str, datetime, datetime | None]
+        ] = {}
 
     async def _hot(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         if self._hot_path is not None:
@@ -329,15 +334,27 @@ class RedisCounters:
     def _reservation_key(self, workspace: str, reservation_id: str) -> str:
         return f"{self.prefix}{{{workspace}}}:res:{reservation_id}"
 
-    @staticmethod
-    def _window(budget: Budget, now: datetime) -> tuple[str, str, str, datetime, datetime | None]:
-        """(sig, start, expire_in, start, end) of the budget's current window."""
+    def _window(self, budget: Budget, now: datetime) -> tuple[str, str, str, datetime, datetime | None]:
+        """(sig, start, expire_in, start, end) of the budget's current window.
+
+        Every request computes this for each budget twice (reserve, settle); the calendar arithmetic is
+        done once per (period, zone) and window, and reused while `now` stays inside it."""
         period = budget.effective_period
-        start, end = window(period, now, budget.time_zone)
-        sig = f"{period.value}|{budget.time_zone or ''}"
+        zone_name = budget.time_zone
+        now_ts = now.timestamp()
+        cached = self._windows.get((period, zone_name))
+        if cached is None or not cached[0] <= now_ts < cached[1]:
+            start, end = window(period, now, zone_name)
+            end_ts = end.timestamp() if end is not None else math.inf
+            sig = f"{period.value}|{zone_name or ''}"
+            cached = (start.timestamp(), end_ts, sig, str(int(start.timestamp())), start, end)
+            if len(self._windows) > 1024:  # (zones are few; bounded all the same)
+                self._windows.clear()
+            self._windows[(period, zone_name)] = cached
+        _, end_ts, sig, start_text, start, end = cached
         # Relative to the proxy's clock (not Redis's): a day after the window ends.
-        expire_in = str(max(1, int((end - now).total_seconds()) + 86_400)) if end is not None else ""
-        return sig, str(int(start.timestamp())), expire_in, start, end
+        expire_in = str(max(1, int(end_ts - now_ts) + 86_400)) if end is not None else ""
+        return sig, start_text, expire_in, start, end
 
     # -- a lost dataset -----------------------------------------------------------------------------------
     @_unavailable_on_error
