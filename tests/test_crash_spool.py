@@ -91,3 +91,28 @@ def test_sigkill_after_the_last_response_loses_no_event(fake_server: Any, tmp_pa
     assert _stored(events) == (2 * REQUESTS, 2 * REQUESTS), output
     # A graceful stop leaves the spool empty: the next start has nothing to replay.
     assert list((tmp_path / "events.duckdb.spool").iterdir()) == []
+
+
+def test_a_spool_directory_keeps_a_postgresql_replica_s_events_across_sigkill(
+    fake_server: Any, tmp_path: Path, pg_url: str
+) -> None:
+    """With events in PostgreSQL the spool is off unless a directory is set (README, "Running several
+    replicas"); with one, a SIGKILLed replica's unwritten events reach the shared table at its next start."""
+    import psycopg
+
+    _, upstream = fake_server
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[upstreams.openai]\nbase_url = "{upstream.url}/v1"\napi_key = "{UPSTREAM_KEY}"\ndefault = true\n\n'
+        f'[storage]\nevents = "{pg_url}"\nspool = "{tmp_path / "spool"}"\n'
+    )
+    for _ in range(2):
+        proc, port = _start(config)
+        _drive(port, REQUESTS)
+        _kill(proc)
+    proc, _ = _start(config)
+    output = _stop(proc)
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT event_id) FROM usage_events").fetchone()
+    assert row == (2 * REQUESTS, 2 * REQUESTS), output
+    assert list((tmp_path / "spool").iterdir()) == []
