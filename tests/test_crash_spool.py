@@ -73,21 +73,26 @@ def _stored(path: Path) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def test_sigkill_after_the_last_response_loses_no_event(fake_server: Any, tmp_path: Path) -> None:
-    """Two SIGKILLs right after the last response, each followed by a restart: every event is stored once."""
-    _, upstream = fake_server
-    events = tmp_path / "events.duckdb"
+def _kill_twice_then_stop(tmp_path: Path, upstream_url: str, storage: str) -> str:
+    """Serve `REQUESTS` and SIGKILL right after the last response, twice, each time starting again; then
+    start once more and stop gracefully. The last run's output."""
     config = tmp_path / "proxy.toml"
     config.write_text(
-        f'[upstreams.openai]\nbase_url = "{upstream.url}/v1"\napi_key = "{UPSTREAM_KEY}"\ndefault = true\n\n'
-        f'[storage]\nevents = "duckdb://{events}"\n'
+        f'[upstreams.openai]\nbase_url = "{upstream_url}/v1"\napi_key = "{UPSTREAM_KEY}"\ndefault = true\n\n'
+        f"[storage]\n{storage}"
     )
     for _ in range(2):
         proc, port = _start(config)
         _drive(port, REQUESTS)
         _kill(proc)
     proc, _ = _start(config)
-    output = _stop(proc)
+    return _stop(proc)
+
+
+def test_sigkill_after_the_last_response_loses_no_event(fake_server: Any, tmp_path: Path) -> None:
+    """Two SIGKILLs right after the last response, each followed by a restart: every event is stored once."""
+    events = tmp_path / "events.duckdb"
+    output = _kill_twice_then_stop(tmp_path, fake_server[1].url, f'events = "duckdb://{events}"\n')
     assert _stored(events) == (2 * REQUESTS, 2 * REQUESTS), output
     # A graceful stop leaves the spool empty: the next start has nothing to replay.
     assert list((tmp_path / "events.duckdb.spool").iterdir()) == []
@@ -100,18 +105,8 @@ def test_a_spool_directory_keeps_a_postgresql_replica_s_events_across_sigkill(
     replicas"); with one, a SIGKILLed replica's unwritten events reach the shared table at its next start."""
     import psycopg
 
-    _, upstream = fake_server
-    config = tmp_path / "proxy.toml"
-    config.write_text(
-        f'[upstreams.openai]\nbase_url = "{upstream.url}/v1"\napi_key = "{UPSTREAM_KEY}"\ndefault = true\n\n'
-        f'[storage]\nevents = "{pg_url}"\nspool = "{tmp_path / "spool"}"\n'
-    )
-    for _ in range(2):
-        proc, port = _start(config)
-        _drive(port, REQUESTS)
-        _kill(proc)
-    proc, _ = _start(config)
-    output = _stop(proc)
+    storage = f'events = "{pg_url}"\nspool = "{tmp_path / "spool"}"\n'
+    output = _kill_twice_then_stop(tmp_path, fake_server[1].url, storage)
     with psycopg.connect(pg_url) as conn:
         row = conn.execute("SELECT count(*), count(DISTINCT event_id) FROM usage_events").fetchone()
     assert row == (2 * REQUESTS, 2 * REQUESTS), output
