@@ -38,6 +38,7 @@ from orq_proxy.testing.servers import serve_in_thread
 from tests.budgets.test_budget_alerts import Receiver
 from tests.conftest import OwnPostgres, fresh_database
 from tests.test_cli import UPSTREAM_KEY, free_port
+from tests.waiting import wait_for
 
 ADMIN = "sk-admin-replicas"
 USER = "sk-user-replicas"
@@ -236,15 +237,6 @@ def by_status(database: str) -> list[tuple[int, int]]:
             (int(a), int(b))
             for a, b in conn.execute("SELECT http_status, count(*) FROM usage_events GROUP BY 1 ORDER BY 1")
         ]
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `check()` held (polled every 20 ms); fails after `timeout`."""
-    t0 = time.monotonic()
-    while not check():
-        assert time.monotonic() - t0 < timeout, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def identity_budget(replica: Replica, external_id: str, amount_usd: float) -> str:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
+from tests.waiting import wait_for
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN = "sk-admin"
@@ -106,14 +106,6 @@ class Proxy:
                 )
 
         return asyncio.run(run())
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture

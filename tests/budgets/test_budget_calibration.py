@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.estimate import estimate_input_tokens
+from tests.waiting import wait_for
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN, USER = "sk-admin", "sk-user"
@@ -180,14 +180,6 @@ class Proxy:
         return response.text
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def proxy(proxy_factory: Any, fake: FakeUpstream) -> Iterator[Proxy]:
     sink = MemorySink()
@@ -224,7 +216,7 @@ def test_150_concurrent_stay_within_limit_plus_one_request(
     limit = 10 * actual_nanos
     proxy.budget(limit)
     statuses = proxy.burst(150, messages, headers)
-    wait_for(lambda: len(proxy.sink.events) == 5 + 150)
+    wait_for(lambda: len(proxy.sink.events) == 5 + 150, 10)
     served = [e for e in proxy.sink.events[5:] if e.http_status == 200]
     assert len(served) == statuses.count(200) and set(statuses) == {200, 429}
     charged = sum(e.total_cost_nanos for e in served)
@@ -250,7 +242,7 @@ def test_estimates_too_high_converge_down_and_do_not_starve_the_budget(
     assert proxy.app.budget_gate.calibration.multiplier(KEY) < 1.0
     proxy.budget(limit)
     statuses = proxy.burst(40, messages, headers)
-    wait_for(lambda: len(proxy.sink.events) == 5 + 40)
+    wait_for(lambda: len(proxy.sink.events) == 5 + 40, 10)
     served = [e for e in proxy.sink.events[5:] if e.http_status == 200]
     assert len(served) >= 9
     assert sum(e.total_cost_nanos for e in served) <= limit + actual_nanos

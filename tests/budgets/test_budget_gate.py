@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.estimate import estimate_input_tokens
+from tests.waiting import wait_for
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN = "sk-admin"
@@ -87,14 +88,6 @@ class Gate:
     def settled(self, budget_id: str, events: int, timeout: float = 5.0) -> None:
         """Wait until no reservation is in flight and the sink holds `events` events."""
         wait_for(lambda: self.reserved(budget_id) == (0, 0) and len(self.sink.events) >= events, timeout)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +23,7 @@ from orq_proxy.sinks.memory import MemorySink
 from orq_proxy.testing.clock import FakeClock
 from orq_proxy.testing.fake_upstream import FakeUpstream
 from orq_proxy.usage.events import UsageEvent
+from tests.waiting import wait_for
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 ADMIN, USER = "sk-admin", "sk-user"
@@ -56,14 +56,6 @@ class Proxy:
     def event(self, index: int = 0) -> UsageEvent:
         wait_for(lambda: len(self.sink.events) > index)
         return self.sink.events[index]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture
