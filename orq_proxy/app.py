@@ -176,10 +176,9 @@ def build_app(config: ProxyConfig, **services: Any) -> OrqProxy:
         unpriced=config.budgets.unpriced,
     )
     # Identity needs ctx.principal (auth) and runs before the budget gate, which matches on the identity.
-    # Routing runs after auth so an unauthenticated caller learns nothing about the configured upstreams.
     # Its own 400s and 503s are usage events too (status ERROR, no usage), like the gate's refusals.
     app = IdentityMiddleware(app, store=s.identity_store, on_refused=metering.record_unforwarded)
-    app = RoutingMiddleware(app, upstreams=config.upstreams.keys(), default=config.default_upstream)
+    app = _routing(app, config)  # after auth: an unauthenticated caller learns nothing of the upstreams
     app = BodyMiddleware(app, max_body_bytes=config.server.max_body_bytes)  # bounded read, parsed once
     app = AuthMiddleware(app, keyring=s.keyring)  # from the headers: without a valid key no body is read
     # Outermost: request id, context, dot-segment paths refused; answers 500 if anything inside raises early.
@@ -220,6 +219,23 @@ def build_app(config: ProxyConfig, **services: Any) -> OrqProxy:
     ]
     proxy = OrqProxy(services=s, proxy_stack=app, budget_gate=gate, routes=routes)
     return proxy
+
+
+def _routing(app: ASGIApp, config: ProxyConfig) -> RoutingMiddleware:
+    """Routing from `[upstreams]`: the defaults for bare names, each upstream's API, and the Azure
+    deployments (deployment -> `upstream/model`) that Azure-style incoming paths name."""
+    return RoutingMiddleware(
+        app,
+        upstreams=config.upstreams.keys(),
+        default=config.default_upstream,
+        apis={name: up.api for name, up in config.upstreams.items()},
+        anthropic_default=config.default_anthropic_upstream,
+        deployments={
+            deployment: f"{name}/{model}"
+            for name, up in config.upstreams.items()
+            for model, deployment in up.deployments.items()
+        },
+    )
 
 
 def _operations_routes(services: Services, *, is_ready: Callable[[], bool]) -> list[BaseRoute]:

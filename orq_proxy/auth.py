@@ -28,6 +28,7 @@ __all__ = [
     "bearer_token",
     "hash_key",
     "keyring_from_config",
+    "proxy_key",
 ]
 
 # On a 401 to a request with a body: the server closes the connection rather than read the body to reuse it.
@@ -143,8 +144,31 @@ class KeyRing:
         return entry[1]
 
 
+def proxy_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The proxy key a client sent: `Authorization: Bearer <key>`, else `x-api-key` (Anthropic's clients,
+    Claude Code with `ANTHROPIC_API_KEY`), else `api-key` (Azure OpenAI's clients)."""
+    bearer = x_api_key = api_key = None
+    for key, value in headers:
+        if key == b"authorization":
+            bearer = bearer_token(value)
+            if bearer is not None:
+                return bearer
+        elif key == b"x-api-key":
+            x_api_key = value
+        elif key == b"api-key":
+            api_key = value
+    raw = x_api_key if x_api_key is not None else api_key
+    if raw is None:
+        return None
+    try:
+        return raw.decode("ascii").strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
 class AuthMiddleware:
-    """Proxied surface: `Authorization: Bearer <key>` -> `ctx.principal`, else 401 in OpenAI's shape.
+    """Proxied surface: the proxy key (`proxy_key`: `Authorization: Bearer`, `x-api-key` or `api-key`) ->
+    `ctx.principal`, else 401 in the request's error shape (OpenAI's, or Anthropic's on its Messages API).
 
     Fails closed. The client's key is for this proxy only; the upstream layer never forwards it. Only the
     headers are looked at: `build_app` runs this before the body is read, so a caller without a valid key
@@ -162,15 +186,12 @@ class AuthMiddleware:
             return
         token = None
         if not self.keyring.open_mode:
-            for key, value in scope["headers"]:
-                if key == b"authorization":
-                    token = bearer_token(value)
-                    break
+            token = proxy_key(scope["headers"])
         principal = self.keyring.authenticate(token)
         if principal is None:
             response = openai_error(
                 401,
-                "missing or invalid API key: send Authorization: Bearer <key>",
+                "missing or invalid API key: send Authorization: Bearer <key> (or x-api-key / api-key: <key>)",
                 type="authentication_error",
                 code="invalid_api_key",
                 headers=_CLOSE if _has_body(scope) else None,

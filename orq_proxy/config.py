@@ -18,6 +18,7 @@ from orq_proxy.proxy.upstream import origin_of
 from orq_proxy.usage.pricing import genai_provider_ids
 
 __all__ = [
+    "API_PRICES_AS",
     "CONFIG_ENV",
     "DEFAULT_UPSTREAM_KEY_ENV",
     "ApiKeyConfig",
@@ -30,6 +31,7 @@ __all__ = [
     "ServerConfig",
     "SinkConfig",
     "StorageConfig",
+    "UpstreamAPI",
     "UpstreamConfig",
     "load_config",
 ]
@@ -83,8 +85,27 @@ class ServerConfig(_Section):
     )
 
 
+UpstreamAPI = Literal["openai", "anthropic", "azure"]
+# The genai-prices provider an upstream of this API is priced as when neither `prices_as` nor its name says.
+API_PRICES_AS: dict[str, str] = {"anthropic": "anthropic", "azure": "azure"}
+
+
 class UpstreamConfig(_Section):
     base_url: str
+    api: UpstreamAPI = Field(
+        "openai",
+        description="The upstream's wire format: `openai` (OpenAI and every OpenAI-compatible API), "
+        "`anthropic` (Anthropic's Messages API; key sent as `x-api-key`) or `azure` (Azure OpenAI: "
+        "`/openai/deployments/{deployment}/...?api-version=`, key sent as `api-key`).",
+    )
+    api_version: str | None = Field(
+        None, description='`api = "azure"` only (required there): the `api-version` query parameter.'
+    )
+    deployments: dict[str, str] = Field(
+        default_factory=dict,
+        description='`api = "azure"` only: model -> deployment name; a model not listed is sent to the '
+        "deployment of its own name.",
+    )
     api_key_env: str | None = None
     api_key: str | None = Field(None, description="Literal upstream credential; prefer api_key_env.")
     default: bool = False
@@ -116,6 +137,28 @@ class UpstreamConfig(_Section):
         if value not in known:
             raise ValueError(f"unknown genai-prices provider {value!r}; known: {', '.join(sorted(known))}")
         return value
+
+    @model_validator(mode="after")
+    def _check_api(self) -> UpstreamConfig:
+        if self.api == "azure":
+            if not self.api_version:
+                raise ValueError('api = "azure" needs api_version (e.g. api_version = "2024-10-21")')
+        else:
+            if self.api_version is not None:
+                raise ValueError(
+                    f'api_version is only for api = "azure" (this upstream has api = "{self.api}")'
+                )
+            if self.deployments:
+                raise ValueError(
+                    f'deployments are only for api = "azure" (this upstream has api = "{self.api}")'
+                )
+        for model, deployment in self.deployments.items():
+            if not model or not deployment or "/" in deployment:
+                raise ValueError(
+                    f"deployments: {model!r} = {deployment!r}: model and deployment must be non-empty, "
+                    "and a deployment name has no '/'"
+                )
+        return self
 
     def credential(self) -> str | None:
         """The upstream API key: `api_key`, else the value of the `api_key_env` variable."""
@@ -211,6 +254,8 @@ class PriceOverride(_Section):
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
     cached_input_per_mtok: float | None = Field(None, ge=0)
+    cache_write_per_mtok: float | None = Field(None, ge=0, description="Default: the input price.")
+    cache_write_1h_per_mtok: float | None = Field(None, ge=0, description="Default: the cache-write price.")
 
 
 class SinkConfig(_Section):
@@ -268,9 +313,18 @@ class ProxyConfig(_Section):
 
     @model_validator(mode="after")
     def _check_upstreams(self) -> ProxyConfig:
-        defaults = [name for name, up in self.upstreams.items() if up.default]
-        if len(defaults) > 1:
-            raise ValueError(f"only one upstream may be default = true, got {defaults}")
+        for family, members in (
+            (
+                "OpenAI-format (api = openai or azure)",
+                [n for n, u in self.upstreams.items() if u.api != "anthropic"],
+            ),
+            ('api = "anthropic"', [n for n, u in self.upstreams.items() if u.api == "anthropic"]),
+        ):
+            defaults = [name for name in members if self.upstreams[name].default]
+            if len(defaults) > 1:
+                raise ValueError(
+                    f"only one upstream may be default = true among the {family} ones, got {defaults}"
+                )
         for name in self.upstreams:
             if not name or "/" in name:
                 raise ValueError(f"upstream name {name!r} must be non-empty and contain no '/'")
@@ -278,13 +332,24 @@ class ProxyConfig(_Section):
 
     @property
     def default_upstream(self) -> str | None:
-        """The upstream bare model names go to: the one marked default, else the only one."""
+        """The upstream bare model names of OpenAI-format calls go to: the one marked default (not an
+        `api = "anthropic"` one), else the only upstream."""
         for name, up in self.upstreams.items():
-            if up.default:
+            if up.default and up.api != "anthropic":
                 return name
         if len(self.upstreams) == 1:
             return next(iter(self.upstreams))
         return None
+
+    @property
+    def default_anthropic_upstream(self) -> str | None:
+        """The upstream bare model names of Anthropic Messages calls go to: the `api = "anthropic"` one
+        marked default, else the only one."""
+        anthropic = [name for name, up in self.upstreams.items() if up.api == "anthropic"]
+        marked = [name for name in anthropic if self.upstreams[name].default]
+        if marked:
+            return marked[0]
+        return anthropic[0] if len(anthropic) == 1 else None
 
     @property
     def open_mode(self) -> bool:

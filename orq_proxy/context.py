@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCOPE_KEY",
+    "ClientAPI",
     "IdentitySource",
     "MissingContext",
     "RequestContext",
@@ -28,7 +29,8 @@ __all__ = [
 
 SCOPE_KEY = "orq_proxy.context"
 
-IdentitySource = Literal["body", "header", "owner"]
+IdentitySource = Literal["body", "header", "metadata", "owner"]
+ClientAPI = Literal["openai", "anthropic"]
 
 
 @dataclass(slots=True)
@@ -69,6 +71,9 @@ class RequestContext:
             usage event carries them, so budget counters can be rebuilt from the event store.
         client_disconnected: the client went away before the response was complete.
         upstream_error: why the upstream failed (connect error, timeout, died mid-stream), if it did.
+        api: the wire format the client speaks: `"openai"` (OpenAI's, also on Azure-style paths) or
+            `"anthropic"` (Anthropic's Messages API, `/v1/messages`); the proxy's own errors take its shape.
+        deployment: the Azure deployment an Azure-style path names (`/openai/deployments/{deployment}/...`).
     """
 
     request_id: str
@@ -93,6 +98,8 @@ class RequestContext:
     budget_ids: tuple[str, ...] = ()
     client_disconnected: bool = False
     upstream_error: str | None = None
+    api: ClientAPI = "openai"
+    deployment: str | None = None
 
 
 class MissingContext(RuntimeError):

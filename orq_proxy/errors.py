@@ -1,6 +1,10 @@
-"""The two error shapes, one helper each.
+"""The error shapes, one helper per surface.
 
-- Proxied LLM calls answer in OpenAI's shape: `{"error": {"message", "type", "code", "param"}}`.
+- Proxied LLM calls answer in OpenAI's shape: `{"error": {"message", "type", "code", "param"}}`, or, on
+  Anthropic's Messages API (`ctx.api == "anthropic"`), in Anthropic's:
+  `{"type": "error", "error": {"type", "message", ...}}` (the same `code`, `param` and extras inside
+  `error`). `openai_error` builds both: the response picks its shape when it is sent, from the request's
+  context, so no layer needs to know which API it is refusing.
 - The management API (`/v2/identities`, `/v2/budgets`, `/v2/reporting`) answers in orq's shape:
   `{"message", "code"}` where `code` is a gRPC status number (spec §1.5).
 """
@@ -12,6 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from orq_proxy.context import SCOPE_KEY
 
 __all__ = [
     "GRPC_ALREADY_EXISTS",
@@ -65,6 +72,17 @@ _OPENAI_TYPE_BY_STATUS = {
 }
 
 
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors), by status.
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
 # The proxy's own refusals that asking again cannot change: the official SDKs retry 429 twice by default
 # (one refused call would be three requests and three error events) unless told not to.
 _NO_RETRY_STATUSES = frozenset({403, 429})
@@ -84,6 +102,33 @@ class _ErrorJSON(JSONResponse):
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+class _ProxyError(_ErrorJSON):
+    """An error of the proxied surface: OpenAI's shape, re-rendered in Anthropic's when the request is an
+    Anthropic Messages call (decided when sent, from the `RequestContext` in the scope)."""
+
+    def __init__(self, error: dict[str, Any], status: int, headers: dict[str, str] | None) -> None:
+        super().__init__({"error": error}, status_code=status, headers=headers)
+        self.error = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = scope.get(SCOPE_KEY)
+        if ctx is not None and ctx.api == "anthropic":
+            error = {
+                "type": _ANTHROPIC_TYPE_BY_STATUS.get(self.status_code, "api_error"),
+                "message": self.error["message"],
+                **{k: v for k, v in self.error.items() if k not in ("type", "message")},
+            }
+            body = {"type": "error", "error": error, "request_id": ctx.request_id}
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in self.raw_headers
+                if k not in (b"content-length", b"content-type")
+            }
+            await _ErrorJSON(body, status_code=self.status_code, headers=headers)(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def openai_error(
     status: int,
     message: str,
@@ -94,8 +139,9 @@ def openai_error(
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """An error for the proxied surface, in OpenAI's shape (`code` and `param` always present). A 403 or
-    429 carries `x-should-retry: false`: the SDKs would otherwise send a refused call again."""
+    """An error for the proxied surface, in OpenAI's shape (`code` and `param` always present), or in
+    Anthropic's on its Messages API (see the module docstring). A 403 or 429 carries `x-should-retry:
+    false`: the SDKs (OpenAI's and Anthropic's) would otherwise send a refused call again."""
     error: dict[str, Any] = {
         "message": message,
         "type": type or _OPENAI_TYPE_BY_STATUS.get(status, "api_error"),
@@ -104,7 +150,7 @@ def openai_error(
     }
     if extra:
         error.update(extra)
-    return _ErrorJSON({"error": error}, status_code=status, headers=_headers(status, headers))
+    return _ProxyError(error, status, _headers(status, headers))
 
 
 def orq_error(

@@ -28,7 +28,7 @@ from orq_proxy.budgets.ledger import rebuild_counters
 from orq_proxy.budgets.redis_counters import RedisCounters, redis_counters_from_url
 from orq_proxy.budgets.store import BudgetStore, budget_store_from_url
 from orq_proxy.clock import Clock, SystemClock
-from orq_proxy.config import ProxyConfig
+from orq_proxy.config import API_PRICES_AS, ProxyConfig
 from orq_proxy.errors import ServiceUnavailable
 from orq_proxy.eventstore import EventStore, event_store_from_url
 from orq_proxy.eventstore.duckdb import parse_events_url
@@ -240,10 +240,19 @@ def build_services(
         pricer=pricer
         or Pricer(
             {
-                ref: (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+                ref: (
+                    p.input_per_mtok,
+                    p.output_per_mtok,
+                    p.cached_input_per_mtok,
+                    p.cache_write_per_mtok,
+                    p.cache_write_1h_per_mtok,
+                )
                 for ref, p in config.prices.items()
             },
-            prices_as={name: up.prices_as for name, up in config.upstreams.items()},
+            # `prices_as`, else the provider its API is (anthropic, azure), else what its name names.
+            prices_as={
+                name: up.prices_as or API_PRICES_AS.get(up.api) for name, up in config.upstreams.items()
+            },
         ),
         # The event store first (what reporting reads), then `[[sinks]]`, then `sinks` passed here.
         bus=bus or EventBus([*build_sinks(config, event_store), *sinks], spool=_spool(config)),

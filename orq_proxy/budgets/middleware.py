@@ -62,19 +62,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_NO_OUTPUT_PRODUCTS = frozenset({"embeddings", "moderations"})
+_NO_OUTPUT_PRODUCTS = frozenset({"embeddings", "moderations", "messages.count_tokens"})
 _CUSTOM_SCOPE = "BUDGET_SCOPE_KIND_CUSTOM"
 # APIs whose answers carry token usage, which metering prices by the model that answered when the requested
 # name has no price: a request to one of them without a priced model cannot be priced by the gate.
-_TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings"})
+_TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings", "messages"})
 # The output cap each API reads, the first one being what the gate adds when the request sets none. Chat:
 # `max_completion_tokens` (OpenAI's current name; its reasoning models refuse `max_tokens`), and a
 # `max_tokens` the client sent is lowered too, since many upstreams still read it. Legacy completions:
 # `max_tokens`. Responses: `max_output_tokens` (it includes reasoning tokens, as the billed output does).
+# Anthropic's Messages: `max_tokens` (required there, so the reservation is the client's own cap).
 _CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "chat.completions": ("max_completion_tokens", "max_tokens"),
     "completions": ("max_tokens",),
     "responses": ("max_output_tokens",),
+    "messages": ("max_tokens",),
 }
 # Legacy completions without `max_tokens` stop at 16 tokens (OpenAI's documented default, and vLLM's):
 # reserving and forwarding 16 keeps their answer as it was, where the general default would lengthen it.

@@ -96,7 +96,8 @@ READ_STATEMENT_TIMEOUT_MS: Final = 60_000
 REPORT_WORK_MEM: Final = "128MB"
 
 # Column name -> PostgreSQL type, in `UsageEvent` order (the order of `_row`'s values); the table's own
-# order is `_PHYSICAL_ORDER`. `ts` is a `timestamp` holding UTC (naive, as in DuckDB).
+# order is `_PHYSICAL_ORDER`, then `_ADDED_COLUMNS` (every write names its columns, so the two orders
+# never meet). `ts` is a `timestamp` holding UTC (naive, as in DuckDB).
 EVENT_COLUMNS: dict[str, str] = {
     "event_id": 'text COLLATE "C" NOT NULL',
     "ts": "timestamp NOT NULL",
@@ -117,12 +118,15 @@ EVENT_COLUMNS: dict[str, str] = {
     "output_tokens": "bigint NOT NULL",
     "total_tokens": "bigint NOT NULL",
     "cached_input_tokens": "bigint NOT NULL DEFAULT 0",
+    "cache_write_tokens": "bigint NOT NULL DEFAULT 0",
+    "cache_write_1h_tokens": "bigint NOT NULL DEFAULT 0",
     "reasoning_tokens": "bigint NOT NULL DEFAULT 0",
     "audio_input_tokens": "bigint NOT NULL DEFAULT 0",
     "audio_output_tokens": "bigint NOT NULL DEFAULT 0",
     "input_cost_nanos": "bigint NOT NULL",
     "output_cost_nanos": "bigint NOT NULL",
     "cached_cost_nanos": "bigint NOT NULL DEFAULT 0",
+    "cache_write_cost_nanos": "bigint NOT NULL DEFAULT 0",
     "reasoning_cost_nanos": "bigint NOT NULL DEFAULT 0",
     "total_cost_nanos": "bigint NOT NULL",
     "latency_ms": "double precision NOT NULL",
@@ -133,8 +137,9 @@ EVENT_COLUMNS: dict[str, str] = {
     "budget_ids": "text[] COLLATE \"C\" NOT NULL DEFAULT '{}'",
     "metadata": "text NOT NULL DEFAULT '{}'",  # JSON object text, as DuckDB keeps it
 }
-# The table's column order: 8-byte fixed-width NOT NULL columns first (no padding, cached offsets), then
-# the narrower ones, then the nullable double, then text and arrays (the common dimensions first).
+# The table's column order as step 1 created it (part of a released step: never edit it): 8-byte
+# fixed-width NOT NULL columns first (no padding, cached offsets), then the narrower ones, then the
+# nullable double, then text and arrays (the common dimensions first).
 _PHYSICAL_ORDER = (
     "ts",
     "total_cost_nanos",
@@ -171,6 +176,11 @@ _PHYSICAL_ORDER = (
     "price_source",
     "metadata",
 )
+# Columns later steps added (`ALTER TABLE ... ADD COLUMN`: at the end of every row, after the text; they
+# are read only by whole-row reads, so nothing reports read sits behind them), by the step that added each.
+_ADDED_COLUMNS: dict[int, tuple[str, ...]] = {
+    3: ("cache_write_tokens", "cache_write_1h_tokens", "cache_write_cost_nanos"),
+}
 
 # Migrations of the "events" component: step i takes the schema from version i to i + 1. Never edit a
 # released step; append one.
@@ -211,6 +221,10 @@ STEPS: tuple[str, ...] = (
     f"INSERT INTO {IDENTITY_DAYS_TABLE} SELECT workspace, identity, CAST(ts AS date), count(*), "
     "count(*) FILTER (WHERE status = 'ERROR'), sum(total_tokens), sum(total_cost_nanos) "
     f"FROM {EVENTS_TABLE} WHERE identity IS NOT NULL GROUP BY 1, 2, 3",
+    # 3: prompt-cache writes (Anthropic's), inside input_tokens / input_cost_nanos like the cache reads.
+    # A NOT NULL column with a constant DEFAULT is added without rewriting the table (PostgreSQL 11+).
+    f"ALTER TABLE {EVENTS_TABLE} "
+    + ", ".join(f"ADD COLUMN {name} {EVENT_COLUMNS[name]}" for name in _ADDED_COLUMNS[3]),
 )
 
 _COLUMN_LIST = ", ".join(EVENT_COLUMNS)

@@ -4,7 +4,9 @@ Sources, first match wins (spec §5.1):
 1. an identity object in the body — `orq.identity` (or the deprecated `orq.contact`), else a top-level
    `identity` — validated, then **upserted** (created if new, otherwise only the given fields change);
 2. the `X-ORQ-IDENTITY-ID` header (or the legacy `X-ORQ-CONTACT-ID`): tags only;
-3. the API key's `owner`: tags only.
+3. on Anthropic's Messages API, its `metadata.user_id` (tags only; one that is not a valid external id,
+   or not one the key may name, is passed over rather than refused: it is the client's field for Anthropic);
+4. the API key's `owner`: tags only.
 No source: the request stays unattributed and is still proxied and metered.
 
 Which identities a key may name (`[[api_keys]] identities`, `Principal.identity_refusal`): a body identity or
@@ -139,6 +141,25 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _anthropic_user_id(ctx: RequestContext) -> str | None:
+    """Anthropic's own `metadata.user_id` of a Messages call, when it is a valid external id. It is the
+    client's field for the upstream (Claude Code sends one per user and account), not a request to be
+    attributed: one this layer cannot use (too long, blank, or not one the key may name) is passed over,
+    never refused, and the request falls through to the key's owner."""
+    if ctx.api != "anthropic" or ctx.body is None:
+        return None
+    metadata = ctx.body.get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    user_id = metadata.get("user_id")
+    if not isinstance(user_id, str):
+        return None
+    try:
+        return check_external_id(user_id, "metadata.user_id")
+    except IdentityRuleError:
+        return None
+
+
 class IdentityMiddleware:
     """Sets `ctx.identity` (a `ResolvedIdentity`) on every proxied request, or answers 400, 403 or 503.
 
@@ -230,6 +251,9 @@ class IdentityMiddleware:
                 raise InvalidIdentityError(exc.field, exc.rule) from exc
             _check_allowed(principal, header, header_param)
             return await self._tag(workspace, header, "header")
+        user_id = _anthropic_user_id(ctx)
+        if user_id is not None and principal.identity_refusal(user_id) is None:
+            return await self._tag(workspace, user_id, "metadata")
         if principal.owner:
             return await self._tag(workspace, principal.owner, "owner")
         return None

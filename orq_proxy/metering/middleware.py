@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orq_proxy.clock import Clock
 from orq_proxy.context import RequestContext, get_context
-from orq_proxy.metering.taps import JSONTap, ReportedUsage, SSETap
+from orq_proxy.metering.taps import AnthropicSSETap, JSONTap, ReportedUsage, SSETap
 from orq_proxy.usage.estimate import estimate_input_tokens, estimate_tokens_from_bytes
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.pricing import Pricer, TokenUsage
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_STATUS = 499
 # APIs whose answers carry token usage; for others a missing `usage` is not estimated.
-TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings"})
+TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings", "messages"})
 # APIs whose streams only carry usage when `stream_options.include_usage` is set.
 _INJECT_PRODUCTS = frozenset({"chat.completions", "completions"})
 
@@ -70,10 +70,14 @@ def _inject_include_usage(ctx: RequestContext) -> bool:
     return True
 
 
+_Tap = SSETap | AnthropicSSETap | JSONTap
+
+
 class _Meter:
     """Per-request state of one metered response (the responder object)."""
 
     __slots__ = (
+        "anthropic",
         "client_gone",
         "complete",
         "content_type",
@@ -85,13 +89,14 @@ class _Meter:
         "tap",
     )
 
-    def __init__(self, hide_usage: bool) -> None:
+    def __init__(self, hide_usage: bool, anthropic: bool = False) -> None:
         self.hide_usage = hide_usage
+        self.anthropic = anthropic  # Anthropic's Messages API: its usage shape and stream events
         self.started = False
         self.complete = False
         self.status = 0
         self.content_type = b""
-        self.tap: SSETap | JSONTap | None = None
+        self.tap: _Tap | None = None
         self.first_byte_at: float | None = None
         self.client_gone = False
         self.error: BaseException | None = None
@@ -135,7 +140,7 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        meter = _Meter(hide_usage=_inject_include_usage(ctx))
+        meter = _Meter(hide_usage=_inject_include_usage(ctx), anthropic=ctx.api == "anthropic")
         clock = self.clock
 
         async def send_and_meter(message: Message) -> None:
@@ -189,6 +194,9 @@ class MeteringMiddleware:
             meter.hide_usage = False
             return message
         if meter.content_type.startswith(b"text/event-stream"):
+            if meter.anthropic:
+                meter.tap = AnthropicSSETap()
+                return message
             rewrite = meter.hide_usage and meter.status < 400
             meter.hide_usage = rewrite
             meter.tap = SSETap(hide_usage=rewrite)
@@ -196,7 +204,7 @@ class MeteringMiddleware:
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                 return {**message, "headers": headers}
         elif b"json" in meter.content_type:
-            meter.tap = JSONTap()
+            meter.tap = JSONTap(anthropic=meter.anthropic)
         return message
 
     def record_unforwarded(self, ctx: RequestContext, http_status: int) -> None:
@@ -259,7 +267,7 @@ class MeteringMiddleware:
             price_model = tap.model  # the requested name is unpriced: try the one that answered
         cost = self.pricer.cost(ctx.provider, price_model, usage)
 
-        is_stream = ctx.stream or isinstance(tap, SSETap)
+        is_stream = ctx.stream or isinstance(tap, SSETap | AnthropicSSETap)
         ttft_ms = None
         if is_stream and meter.first_byte_at is not None:
             ttft_ms = round((meter.first_byte_at - ctx.started) * 1000.0, 3)
@@ -290,12 +298,15 @@ class MeteringMiddleware:
                 "output_tokens": usage.output_tokens,
                 "total_tokens": reported.total_tokens if reported else 0,
                 "cached_input_tokens": usage.cached_input_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
+                "cache_write_1h_tokens": usage.cache_write_1h_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
                 "audio_input_tokens": usage.audio_input_tokens,
                 "audio_output_tokens": usage.audio_output_tokens,
                 "input_cost_nanos": cost.input_nanos,
                 "output_cost_nanos": cost.output_nanos,
                 "cached_cost_nanos": cost.cached_nanos,
+                "cache_write_cost_nanos": cost.cache_write_nanos,
                 "reasoning_cost_nanos": cost.reasoning_nanos,
                 "total_cost_nanos": cost.input_nanos + cost.output_nanos,
                 "latency_ms": round((now - ctx.started) * 1000.0, 3),
@@ -309,7 +320,7 @@ class MeteringMiddleware:
         )
 
     def _usage(
-        self, ctx: RequestContext, meter: _Meter, tap: SSETap | JSONTap | None, client_gone: bool
+        self, ctx: RequestContext, meter: _Meter, tap: _Tap | None, client_gone: bool
     ) -> tuple[ReportedUsage | None, str | None]:
         """The usage to record and, when it is an estimate, why (None = exact)."""
         if tap is not None and tap.usage is not None:
@@ -330,9 +341,15 @@ class MeteringMiddleware:
             note = "no response"
         else:
             note = "upstream sent no usage"
-        input_tokens = estimate_input_tokens(ctx.body, len(ctx.raw_body))
         output_tokens = 0
         if ctx.product != "embeddings" and tap is not None:
             output_tokens = estimate_tokens_from_bytes(tap.output_bytes)
+        if isinstance(tap, AnthropicSSETap) and tap.input_usage is not None:
+            # The stream said its input (cache reads and writes included) before it was cut short: that
+            # part is exact; the output is what arrived, or what the stream had counted, if more.
+            known = tap.input_usage.tokens
+            tokens = known._replace(output_tokens=max(output_tokens, known.output_tokens))
+            return ReportedUsage(tokens, tokens.total_tokens), note
+        input_tokens = estimate_input_tokens(ctx.body, len(ctx.raw_body))
         tokens = TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
         return ReportedUsage(tokens, tokens.total_tokens), note

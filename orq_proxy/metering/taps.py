@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from orq_proxy.usage.pricing import TokenUsage
@@ -27,10 +27,12 @@ __all__ = [
     "DEFAULT_LINE_CAP",
     "DEFAULT_REWRITE_LINE_CAP",
     "JSON_TAIL_BYTES",
+    "AnthropicSSETap",
     "JSONTap",
     "ReportedUsage",
     "SSETap",
     "output_text_bytes",
+    "parse_anthropic_usage",
     "parse_usage",
 ]
 
@@ -115,6 +117,59 @@ def parse_usage(usage: Any) -> ReportedUsage | None:
     return ReportedUsage(TokenUsage(inp, out, cached, reasoning, audio_in, audio_out), total)
 
 
+def parse_anthropic_usage(usage: Any) -> ReportedUsage | None:
+    """Anthropic's `usage` -> `ReportedUsage`, or None when it is not one.
+
+    Anthropic's `input_tokens` leaves out the prompt-cache reads (`cache_read_input_tokens`) and writes
+    (`cache_creation_input_tokens`, split by TTL in `cache_creation.ephemeral_5m_input_tokens` /
+    `ephemeral_1h_input_tokens`); here, as for OpenAI, `input_tokens` is all of the input, with the reads
+    in `cached_input_tokens` and the writes in `cache_write_tokens` (`cache_write_1h_tokens` the 1-hour
+    part of them), so each is priced once, at its own rate.
+    """
+    if type(usage) is not dict and not isinstance(usage, Mapping):
+        return None
+    if "input_tokens" not in usage and "output_tokens" not in usage:
+        return None
+    get = usage.get
+    inp, out = _count(get("input_tokens")), _count(get("output_tokens"))
+    read = _count(get("cache_read_input_tokens"))
+    write = _count(get("cache_creation_input_tokens"))
+    write_1h = 0
+    split = get("cache_creation")
+    if type(split) is dict or isinstance(split, Mapping):
+        write_5m = _count(split.get("ephemeral_5m_input_tokens"))
+        write_1h = _count(split.get("ephemeral_1h_input_tokens"))
+        write = max(write, write_5m + write_1h)
+        write_1h = min(write_1h, write)
+    total_in = inp + read + write
+    tokens = TokenUsage(
+        input_tokens=total_in,
+        output_tokens=out,
+        cached_input_tokens=read,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=write_1h,
+    )
+    return ReportedUsage(tokens, total_in + out)
+
+
+def _merge_anthropic_usage(into: dict[str, Any], usage: Any) -> None:
+    """Fold one stream event's `usage` into what the earlier ones said: a later non-null figure wins
+    (`message_delta` repeats the running output and may carry the input and cache figures, the TTL split
+    among them, that `message_start` did not)."""
+    if not isinstance(usage, dict):
+        return
+    for key, value in usage.items():
+        if value is None:
+            continue
+        if key == "cache_creation" and isinstance(value, dict):
+            split = into.get("cache_creation")
+            merged = dict(split) if isinstance(split, dict) else {}
+            merged.update({k: v for k, v in value.items() if v is not None})
+            into[key] = merged
+        else:
+            into[key] = value
+
+
 def _text_len(value: Any) -> int:
     return len(value.encode()) if isinstance(value, str) else 0
 
@@ -147,6 +202,8 @@ def output_text_bytes(obj: Any) -> int:
     if not isinstance(obj, dict):
         return 0
     n = _choices_text_bytes(obj.get("choices"), "message")
+    if obj.get("type") == "message":  # Anthropic's: text, thinking and tool-input blocks
+        n += _anthropic_blocks_bytes(obj.get("content"))
     output = obj.get("output")
     if isinstance(output, list):
         for item in output:
@@ -444,6 +501,129 @@ class SSETap:
             self.error = True
 
 
+def _anthropic_blocks_bytes(content: Any) -> int:
+    n = 0
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict):
+                n += _text_len(block.get("text")) + _text_len(block.get("thinking"))
+                if block.get("input") is not None:
+                    n += len(json.dumps(block["input"]))
+    return n
+
+
+# Anthropic stream events: the generated text of a `content_block_delta` (`text_delta`, `thinking_delta`,
+# `input_json_delta`), found without parsing the line.
+_ANTHROPIC_DELTA_TEXT = re.compile(rb'"(?:text|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ANTHROPIC_DELTA = b'"content_block_delta"'
+
+
+class AnthropicSSETap:
+    """Reads usage from an Anthropic Messages stream (`message_start` ... `message_stop`), chunk by chunk.
+
+    `message_start` carries the input usage (and the cache reads and writes); each `message_delta` the
+    output so far, and possibly input and cache figures again (the 1-hour cache-write split may arrive
+    only there); later figures win. The stream's usage (`usage`) is known once a `message_delta` with
+    usage arrived; before that only the input (`input_usage`, from `message_start`): a stream cut short
+    is then estimated from that exact input and the text received. Content deltas are counted without
+    parsing the line. Same interface as `SSETap` (feed/close; `usage`, `model`, `output_bytes`, `events`,
+    `done`, `error`, `overflowed`); it never rewrites (Anthropic streams always carry their usage).
+    """
+
+    __slots__ = (
+        "_merged",
+        "_passthrough",
+        "_tail",
+        "done",
+        "error",
+        "events",
+        "hide_usage",
+        "input_usage",
+        "line_cap",
+        "model",
+        "output_bytes",
+        "overflowed",
+        "usage",
+    )
+
+    def __init__(self, *, line_cap: int | None = None) -> None:
+        self.hide_usage = False
+        self.line_cap = line_cap or DEFAULT_LINE_CAP
+        self._tail = b""
+        self._passthrough = False
+        self._merged: dict[str, Any] = {}
+        self.usage: ReportedUsage | None = None
+        self.input_usage: ReportedUsage | None = None
+        self.model: str | None = None
+        self.output_bytes = 0
+        self.events = 0
+        self.done = False
+        self.error = False
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Observe `chunk` (forwarded unchanged by the caller)."""
+        if not chunk:
+            return
+        if self._tail:
+            chunk = self._tail + chunk
+            self._tail = b""
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if self._passthrough:
+                self._passthrough = False
+            else:
+                self._observe(chunk[start:end])
+            start = end + 1
+        rest = chunk[start:]
+        if self._passthrough:
+            return
+        if len(rest) > self.line_cap:
+            self.overflowed = True
+            self._passthrough = True
+        else:
+            self._tail = rest
+
+    def close(self) -> None:
+        """End of body: a last line without a newline still counts."""
+        if self._tail and not self._passthrough:
+            self._observe(self._tail)
+        self._tail = b""
+
+    def _observe(self, raw: bytes) -> None:
+        if not raw.startswith(_DATA):
+            return  # `event:` lines name the type that the data's own `type` repeats
+        self.events += 1
+        if _ANTHROPIC_DELTA in raw:  # most of a stream: text deltas
+            for match in _ANTHROPIC_DELTA_TEXT.finditer(raw):
+                self.output_bytes += match.end(1) - match.start(1)
+            return
+        try:
+            obj = json.loads(raw[5:])
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                model = message.get("model")
+                if isinstance(model, str):
+                    self.model = model
+                _merge_anthropic_usage(self._merged, message.get("usage"))
+                self.input_usage = parse_anthropic_usage(self._merged)
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                _merge_anthropic_usage(self._merged, usage)
+                self.usage = parse_anthropic_usage(self._merged)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            self.error = True
+
+
 def _fast_text_bytes(raw: bytes) -> int:
     """Generated text in a content line: the common compact keys by substring search, else the regex."""
     for key in (b'"content":"', b'"delta":"', b'"text":"'):
@@ -568,10 +748,22 @@ class JSONTap:
     is no usage), error (`{"error": ...}` body without usage), overflowed, size (bytes seen).
     """
 
-    __slots__ = ("_chunks", "_tail", "cap", "error", "model", "output_bytes", "overflowed", "size", "usage")
+    __slots__ = (
+        "_chunks",
+        "_parse_usage",
+        "_tail",
+        "cap",
+        "error",
+        "model",
+        "output_bytes",
+        "overflowed",
+        "size",
+        "usage",
+    )
 
-    def __init__(self, *, cap: int = DEFAULT_JSON_CAP) -> None:
+    def __init__(self, *, cap: int = DEFAULT_JSON_CAP, anthropic: bool = False) -> None:
         self.cap = cap
+        self._parse_usage = parse_anthropic_usage if anthropic else parse_usage
         self._chunks: list[bytes] = []
         self._tail = bytearray()
         self.size = 0
@@ -606,7 +798,7 @@ class JSONTap:
         model = _MODEL.search(buf, 0, 4096)
         if model is not None:
             self.model = model.group(1).decode("utf-8", "replace")
-        self.usage = _last_usage(buf, max(0, len(buf) - JSON_TAIL_BYTES))
+        self.usage = _last_usage(buf, max(0, len(buf) - JSON_TAIL_BYTES), self._parse_usage)
         if self.usage is not None or self.overflowed:
             return
         try:  # no usage: the whole (capped) body, for the text an estimate needs
@@ -618,8 +810,10 @@ class JSONTap:
             self.error = obj.get("error") is not None
 
 
-def _last_usage(buf: bytes, start: int) -> ReportedUsage | None:
-    """The last `"usage": {...}` object at or after `start` that parses as usage."""
+def _last_usage(
+    buf: bytes, start: int, parse: Callable[[Any], ReportedUsage | None] = parse_usage
+) -> ReportedUsage | None:
+    """The last `"usage": {...}` object at or after `start` that `parse` reads as usage."""
     # Backwards from the end: each `"usage"` (last first) that starts a `"usage": {` match.
     at = len(buf)
     while (at := buf.rfind(b'"usage"', start, at)) >= 0:
@@ -631,7 +825,7 @@ def _last_usage(buf: bytes, start: int) -> ReportedUsage | None:
             value, _ = _DECODER.raw_decode(buf[brace:].decode("utf-8", "replace"))
         except ValueError:
             continue
-        parsed = parse_usage(value)
+        parsed = parse(value)
         if parsed is not None:
             return parsed
     return None

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orq_proxy.clock import Clock, SystemClock
-from orq_proxy.context import SCOPE_KEY, RequestContext, get_context
+from orq_proxy.context import SCOPE_KEY, ClientAPI, RequestContext, get_context
 from orq_proxy.errors import openai_error
 from orq_proxy.ids import new_request_id
 from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
-# Longest first: a path is matched against these in order.
-PROXY_PREFIXES = ("/v2/router", "/v3/router", "/v1")
+# Longest first: a path is matched against these in order. `/openai` is Azure OpenAI's layout (what
+# `openai.AzureOpenAI(azure_endpoint=<proxy>)` sends): see `_azure_surface`.
+PROXY_PREFIXES = ("/v2/router", "/v3/router", "/v1", "/openai")
 
 _PRODUCTS = {
     "/chat/completions": "chat.completions",
@@ -79,20 +80,51 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+# Azure's per-deployment APIs: `/openai/deployments/{deployment}/{api}`. The deployment is what lies
+# between (shortest first): the openai SDK puts the `model` there as written, `provider/model` included.
+_AZURE_DEPLOYMENT = re.compile(
+    r"^/openai/deployments/(.+?)(/(?:chat/completions|completions|embeddings|responses"
+    r"|audio/[^/]+|images/[^/]+)/?)$"
+)
+
+
 def product_of(path: str) -> str:
-    """Which API a path is: `chat.completions`, `responses`, `embeddings`, `images`, `audio`, ..."""
+    """Which API a path is: `chat.completions`, `responses`, `embeddings`, `messages` (Anthropic's),
+    `messages.count_tokens`, `images`, `audio`, ..."""
     product = _PRODUCTS.get(path)
     if product:
         return product
-    first = path.strip("/").split("/", 1)[0]
-    return first or "other"
+    parts = path.strip("/").split("/", 2)
+    if parts[0] == "messages":
+        # Anthropic: `/messages` generates; `/messages/count_tokens`, `/messages/batches` do not.
+        return "messages" if len(parts) == 1 or not parts[1] else f"messages.{parts[1]}"
+    return parts[0] or "other"
 
 
 def _surface(path: str) -> tuple[str, str] | None:
+    """(surface prefix, the path below it), or None for a path no proxied API has."""
     for prefix in PROXY_PREFIXES:
         if path == prefix or path.startswith(prefix + "/"):
+            if prefix == "/openai":
+                return _azure_surface(path)
             return prefix, path[len(prefix) :] or "/"
     return None
+
+
+def _azure_surface(path: str) -> tuple[str, str]:
+    """Azure OpenAI's paths: `/openai/deployments/{d}/chat/completions` -> (`/openai/deployments/{d}`,
+    `/chat/completions`); its v1 API `/openai/v1/...` and the rest (`/openai/models`) below their prefix."""
+    match = _AZURE_DEPLOYMENT.match(path)
+    if match is not None:
+        tail = match.group(2)
+        return path[: len(path) - len(tail)], tail
+    prefix = "/openai/v1" if path == "/openai/v1" or path.startswith("/openai/v1/") else "/openai"
+    return prefix, path[len(prefix) :] or "/"
+
+
+def _api_of(path: str) -> ClientAPI:
+    """The wire format a request below its surface speaks (Anthropic's Messages API lives at `/messages`)."""
+    return "anthropic" if path == "/messages" or path.startswith("/messages/") else "openai"
 
 
 def has_dot_segment(path: str) -> bool:
@@ -176,14 +208,20 @@ class RequestMiddleware:
             await response(scope, receive, send_with_request_id)
             return
 
+        prefix, below = surface
+        deployment = None
+        if prefix.startswith("/openai/deployments/"):
+            deployment = prefix[len("/openai/deployments/") :]
         scope[SCOPE_KEY] = RequestContext(
             request_id=request_id,
             received_at=self.clock.now(),
             started=self.clock.monotonic(),
             method=scope["method"],
-            path=surface[1],
-            surface=surface[0],
-            product=product_of(surface[1]),
+            path=below,
+            surface=prefix,
+            product=product_of(below),
+            api=_api_of(below),
+            deployment=deployment,
         )
         try:
             await self.app(scope, receive, send_with_request_id)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote, quote_from_bytes, unquote
 
@@ -228,6 +228,9 @@ class UpstreamTarget:
     connect_timeout: float = 10.0
     headers_timeout: float = 600.0
     read_timeout: float = 600.0
+    api: str = "openai"  # "openai" | "anthropic" | "azure": the path layout and how the key is sent
+    api_version: str | None = None  # azure: the `api-version` query parameter
+    deployments: Mapping[str, str] = field(default_factory=dict)  # azure: model -> deployment
 
 
 def _upstream_failure(exc: BaseException) -> tuple[int, str]:
@@ -278,7 +281,13 @@ class UpstreamApp:
         for name, t in self.targets.items():
             if t.api_key and any(c in t.api_key for c in "\r\n"):
                 raise ValueError(f"upstream {name!r}: api_key must not contain a line break")
-            self._auth[name] = (b"authorization", f"Bearer {t.api_key}".encode()) if t.api_key else None
+            self._auth[name] = _auth_header(t.api, t.api_key) if t.api_key else None
+        # Azure: the `api-version=...` query parameter every request carries, percent-encoded once.
+        self._api_version = {
+            name: "api-version=" + quote(t.api_version, safe="")
+            for name, t in self.targets.items()
+            if t.api_version
+        }
 
     @property
     def trust_forwarded_headers(self) -> bool:
@@ -373,10 +382,15 @@ class UpstreamApp:
     ) -> None:
         target = self.targets[provider]
         origin = self._origins[provider]
-        path = origin.base_path + _upstream_path(scope, ctx)
+        path = origin.base_path + _api_prefix(target, ctx) + _upstream_path(scope, ctx)
         query: bytes = scope.get("query_string", b"")
+        if query and ctx.surface.startswith("/openai"):
+            query = _without_api_version(query)  # the client's Azure version is not the upstream's
         if query:
             path += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
+        api_version = self._api_version.get(provider)
+        if api_version is not None:
+            path += ("&" if query else "?") + api_version
         headers = _request_headers(scope, self._trust_forwarded, self._header_verdicts)
         headers.append((b"accept-encoding", b"identity"))
         auth = self._auth[provider]
@@ -440,6 +454,46 @@ class UpstreamApp:
                 response.release()  # fully read: the connection goes back to the pool
             else:
                 response.close()  # cancelled or broken: drop the connection, which stops the upstream
+
+
+def _auth_header(api: str, key: str) -> tuple[bytes, bytes]:
+    """How an upstream of this API takes its key: `x-api-key` (Anthropic), `api-key` (Azure), else
+    `Authorization: Bearer`."""
+    if api == "anthropic":
+        return b"x-api-key", key.encode()
+    if api == "azure":
+        return b"api-key", key.encode()
+    return b"authorization", f"Bearer {key}".encode()
+
+
+# Azure's per-deployment APIs (the rest, e.g. `/models` and `/files`, live below `/openai`).
+_AZURE_DEPLOYMENT_PRODUCTS = frozenset(
+    {"chat.completions", "completions", "embeddings", "responses", "audio", "images"}
+)
+
+
+def _api_prefix(target: UpstreamTarget, ctx: RequestContext) -> str:
+    """What goes between the upstream's base path and the API path. OpenAI-compatible base URLs end with
+    their version (`https://api.openai.com/v1`): nothing. Anthropic's is the host
+    (`https://api.anthropic.com`, as its SDK takes it): `/v1`, unless the base URL already ends with it.
+    Azure: `/openai/deployments/{deployment}` for the per-deployment APIs (the deployment the model maps to,
+    else the model's own name), `/openai` for the rest."""
+    api = target.api
+    if api == "anthropic":
+        return "" if target.base_url.endswith("/v1") else "/v1"
+    if api == "azure":
+        model = ctx.model
+        if model is not None and ctx.product in _AZURE_DEPLOYMENT_PRODUCTS:
+            return "/openai/deployments/" + quote(target.deployments.get(model, model), safe="")
+        return "/openai"
+    return ""
+
+
+def _without_api_version(query: bytes) -> bytes:
+    """`query` without its `api-version` parameter(s)."""
+    if b"api-version" not in query:
+        return query
+    return b"&".join(p for p in query.split(b"&") if p.split(b"=", 1)[0] != b"api-version")
 
 
 def _upstream_path(scope: Scope, ctx: RequestContext) -> str:
@@ -571,5 +625,8 @@ def targets_from_config(upstreams: Mapping[str, object]) -> dict[str, UpstreamTa
             connect_timeout=up.connect_timeout,
             headers_timeout=up.headers_timeout,
             read_timeout=up.read_timeout,
+            api=up.api,
+            api_version=up.api_version,
+            deployments=dict(up.deployments),
         )
     return out

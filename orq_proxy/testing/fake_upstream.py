@@ -19,7 +19,9 @@ Routes (everything under `/v1`; the base URL given to a client or to the proxy i
 - `POST /v1/completions`: legacy completions, JSON or SSE (same usage-chunk rule as chat).
 - `POST /v1/embeddings`: floats, or base64 little-endian float32 (what the SDK asks for by default).
 - `GET /v1/models`, `GET /v1/models/{id}`.
-Anything else is 404 with OpenAI's `Invalid URL (METHOD /path)` error.
+Anything else is 404 with OpenAI's `Invalid URL (METHOD /path)` error, except Anthropic's Messages API
+(`/v1/messages`, `/v1/messages/count_tokens`) and Azure OpenAI's layout (`/openai/deployments/...`), which
+`fake_providers.py` answers (its docstring has their rules).
 
 Deterministic usage:
 - Prompt tokens: the number of whitespace-separated words in every text the request carries, plus 4 per
@@ -78,6 +80,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
+
+from orq_proxy.testing.fake_providers import handle_provider_path, is_provider_path
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -389,6 +393,10 @@ class FakeUpstream:
             return
         method: str = scope["method"]
         path: str = scope["path"]
+        # Anthropic's Messages API, Azure's layout: fake_providers.py (the first test keeps OpenAI's fast).
+        if (path[:3] != "/v1" or path[:12] == "/v1/messages") and is_provider_path(path):
+            await handle_provider_path(self, scope, receive, send)
+            return
         plan = _Plan(self.latency, self.ttft, self.chunk_delay, self.words)
         authorization: str | None = None
         fake_headers: list[tuple[bytes, bytes]] = []
@@ -424,11 +432,14 @@ class FakeUpstream:
                 parsed = None
         record: RecordedRequest | None = None
         if self.record:
+            recorded = scope.get("fake.recorded")  # (path, query, headers) of an Azure-layout request
             record = RecordedRequest(
                 method=method,
-                path=path,
-                query=scope.get("query_string", b"").decode("latin-1"),
-                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+                path=recorded[0] if recorded else path,
+                query=recorded[1] if recorded else scope.get("query_string", b"").decode("latin-1"),
+                headers=recorded[2]
+                if recorded
+                else {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
                 body=body,
                 json=parsed,
             )

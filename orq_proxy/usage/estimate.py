@@ -68,13 +68,13 @@ def _json_bytes(value: Any) -> int:
 
 
 def estimate_input_tokens(body: dict[str, Any] | None, raw_len: int = 0) -> int:
-    """Input tokens of a request: the text of `messages` / `input` / `prompt` (+4 per message for framing),
-    else the raw body length."""
+    """Input tokens of a request: the text of `messages` / `input` / `prompt` / `instructions` / `system`
+    (Anthropic's) (+4 per message for framing) and the JSON of `tools`, else the raw body length."""
     if body is None:
         return estimate_tokens_from_bytes(raw_len)
     tokens = 0
     found = False
-    for key in ("messages", "input", "prompt", "instructions", "tools"):
+    for key in ("messages", "input", "prompt", "instructions", "system", "tools"):
         if key in body:
             found = True
             value = body[key]

@@ -26,7 +26,7 @@ class UsageEvent(BaseModel):
     project: str
     api_key_id: str
     identity: str | None = Field(None, description="External id of the identity, None if unattributed.")
-    identity_source: Literal["body", "header", "owner"] | None = None
+    identity_source: Literal["body", "header", "metadata", "owner"] | None = None
     identity_tags: list[str] = Field(default_factory=list)
     provider: str | None = None
     model: str | None = Field(None, description="Provider-qualified model ref, e.g. 'openai/gpt-4o'.")
@@ -41,12 +41,17 @@ class UsageEvent(BaseModel):
     output_tokens: int = 0
     total_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = Field(
+        0, description="Prompt-cache writes (five-minute and one-hour), included in input_tokens."
+    )
+    cache_write_1h_tokens: int = Field(0, description="The cache writes with a one-hour TTL.")
     reasoning_tokens: int = 0
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
     input_cost_nanos: int = 0
     output_cost_nanos: int = 0
     cached_cost_nanos: int = 0
+    cache_write_cost_nanos: int = Field(0, description="Cache writes' cost, included in input_cost_nanos.")
     reasoning_cost_nanos: int = 0
     total_cost_nanos: int = 0
     latency_ms: float = 0.0

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from orq_proxy.usage.money import usd_to_nanos
 
-__all__ = ["Cost", "PriceSource", "Pricer", "TokenUsage", "genai_provider_ids"]
+if TYPE_CHECKING:
+    from genai_prices.types import ModelPrice
+
+__all__ = ["Cost", "OverridePrices", "PriceSource", "Pricer", "TokenUsage", "genai_provider_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +29,26 @@ _ATTO = Decimal(10) ** 18
 _ATTO_PER_NANO = 1_000_000_000
 _CACHE_MAX = 4096  # (provider, model) pairs whose rates are kept
 
+# A `[prices."provider/model"]` override: USD per million input, output and cached-input tokens, then
+# optionally cache writes (five-minute) and one-hour cache writes; None: see `Pricer`.
+OverridePrices = (
+    tuple[float, float, float | None] | tuple[float, float, float | None, float | None, float | None]
+)
+
 
 class TokenUsage(NamedTuple):
-    """Token counts of one call. `input_tokens` includes `cached_input_tokens`; `output_tokens` includes
-    `reasoning_tokens` (OpenAI's convention). A named tuple: immutable, and built several times per
-    request (a frozen dataclass costs 4x as much to build)."""
+    """Token counts of one call. `input_tokens` includes `cached_input_tokens` (prompt-cache reads) and
+    `cache_write_tokens` (prompt-cache writes, Anthropic's `cache_creation_input_tokens`), which include
+    `cache_write_1h_tokens` (the writes with a one-hour TTL; the rest are five-minute writes);
+    `output_tokens` includes `reasoning_tokens` (OpenAI's convention, and genai-prices'). A named tuple:
+    immutable, and built several times per request (a frozen dataclass costs 4x as much to build). New
+    fields go at the end, with defaults, so positional construction keeps its meaning.
+
+    Example (an Anthropic call: 100 plain input tokens, 2,000 read from the cache, 500 written to it,
+    of which 300 with a one-hour TTL):
+        TokenUsage(input_tokens=2_600, output_tokens=50, cached_input_tokens=2_000,
+                   cache_write_tokens=500, cache_write_1h_tokens=300)
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -38,6 +56,8 @@ class TokenUsage(NamedTuple):
     reasoning_tokens: int = 0
     audio_input_tokens: int = 0
     audio_output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -45,14 +65,17 @@ class TokenUsage(NamedTuple):
 
 
 class Cost(NamedTuple):
-    """A call's cost in nano-USD. `input_nanos` includes `cached_nanos`; `output_nanos` includes
-    `reasoning_nanos`; `total_nanos = input_nanos + output_nanos`. A named tuple, like `TokenUsage`."""
+    """A call's cost in nano-USD. `input_nanos` includes `cached_nanos` (cache reads) and
+    `cache_write_nanos` (cache writes, five-minute and one-hour); `output_nanos` includes
+    `reasoning_nanos`; `total_nanos = input_nanos + output_nanos`. A named tuple, like `TokenUsage`
+    (`cache_write_nanos` comes after `source` so positional construction keeps its meaning)."""
 
     input_nanos: int = 0
     output_nanos: int = 0
     cached_nanos: int = 0
     reasoning_nanos: int = 0
     source: PriceSource = "unknown"
+    cache_write_nanos: int = 0
 
     @property
     def total_nanos(self) -> int:
@@ -62,18 +85,45 @@ class Cost(NamedTuple):
 @dataclass(slots=True, frozen=True)
 class _Rates:
     """USD per token, and the same in integer atto-USD (1e-18) when that is exact (it is for any price
-    quoted to at most 12 decimals per million tokens), which prices a call with integer arithmetic."""
+    quoted to at most 12 decimals per million tokens), which prices a call with integer arithmetic.
+
+    `cache_write` prices five-minute prompt-cache writes, `cache_write_1h` one-hour ones; a model without
+    such prices has them at its input rate (`cache_write_1h` at `cache_write`'s), as genai-prices does.
+    """
 
     input: Decimal
     output: Decimal
     cached_input: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
     source: PriceSource
-    atto: tuple[int, int, int] | None = None  # (input, output, cached_input)
+    # (input, output, cached_input, cache_write, cache_write_1h)
+    atto: tuple[int, int, int, int, int] | None = None
+    # genai-prices' tiers, ascending: (start, rates) -> a call with more than `start` input tokens is
+    # priced wholly at `rates`.
+    tiers: tuple[tuple[int, _Rates], ...] = ()
+
+    def for_input(self, input_tokens: int) -> _Rates:
+        """The rates of a call with `input_tokens` input tokens (its tier's)."""
+        for start, rates in reversed(self.tiers):
+            if input_tokens > start:
+                return rates
+        return self
 
     def __post_init__(self) -> None:
-        scaled = [r * _ATTO for r in (self.input, self.output, self.cached_input)]
-        if all(v == v.to_integral_value() for v in scaled):
-            object.__setattr__(self, "atto", (int(scaled[0]), int(scaled[1]), int(scaled[2])))
+        scaled = [
+            int(v)
+            for r in (self.input, self.output, self.cached_input, self.cache_write, self.cache_write_1h)
+            if (v := r * _ATTO) == v.to_integral_value()
+        ]
+        if len(scaled) == 5:
+            object.__setattr__(self, "atto", (scaled[0], scaled[1], scaled[2], scaled[3], scaled[4]))
+
+
+def _per_token(per_mtok: float) -> Decimal:
+    """A configured USD-per-million-tokens price as USD per token (by its decimal text, not its binary
+    value: `0.1` is a tenth)."""
+    return Decimal(str(per_mtok)) / _PER_MTOK
 
 
 def _atto_to_nanos(atto: int) -> int:
@@ -90,7 +140,10 @@ class Pricer:
     `provider` in `cost`/`is_known` is the upstream's name (`ctx.provider`), never a genai-prices id.
 
     Args:
-        overrides: `"provider/model"` -> `(input_per_mtok, output_per_mtok, cached_input_per_mtok | None)` USD.
+        overrides: `"provider/model"` -> `(input_per_mtok, output_per_mtok, cached_input_per_mtok | None)`
+            USD, optionally followed by `cache_write_per_mtok | None, cache_write_1h_per_mtok | None`. A
+            price left None is the input price (`cache_write_1h_per_mtok`: the cache write price), as
+            genai-prices prices what a model has no price for.
         prices_as: upstream name -> the genai-prices provider id whose prices apply (`[upstreams.X]
             prices_as`), or None to derive it from the name. Upstreams named here are resolved once, now;
             any other name is resolved on each cache miss.
@@ -102,17 +155,21 @@ class Pricer:
 
     def __init__(
         self,
-        overrides: Mapping[str, tuple[float, float, float | None]] | None = None,
+        overrides: Mapping[str, OverridePrices] | None = None,
         *,
         prices_as: Mapping[str, str | None] | None = None,
     ) -> None:
         self._overrides: dict[str, _Rates] = {}
-        for ref, (inp, out, cached) in (overrides or {}).items():
-            i = Decimal(str(inp)) / _PER_MTOK
+        for ref, prices in (overrides or {}).items():
+            inp, out, cached, write, write_1h = (*prices, None, None)[:5]
+            i = _per_token(inp)
+            w = _per_token(write) if write is not None else i
             self._overrides[ref] = _Rates(
                 input=i,
-                output=Decimal(str(out)) / _PER_MTOK,
-                cached_input=Decimal(str(cached)) / _PER_MTOK if cached is not None else i,
+                output=_per_token(out),
+                cached_input=_per_token(cached) if cached is not None else i,
+                cache_write=w,
+                cache_write_1h=_per_token(write_1h) if write_1h is not None else w,
                 source="override",
             )
         # A plain dict (lookups on the hot path, twice per request), emptied when it reaches the bound:
@@ -151,20 +208,30 @@ class Pricer:
         rates = self._rates(provider, model) if model else None
         if rates is None:
             return Cost()
+        if rates.tiers:
+            rates = rates.for_input(usage.input_tokens)
         cached = min(usage.cached_input_tokens, usage.input_tokens)
         reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+        # Cache writes are part of the input, each priced once at its own rate (never also as plain
+        # input): clamped so reads + writes never exceed the input, reads first.
+        writes = max(0, min(usage.cache_write_tokens, usage.input_tokens - cached))
+        writes_1h = max(0, min(usage.cache_write_1h_tokens, writes))
+        uncached = usage.input_tokens - cached - writes
         if rates.atto is not None:  # exact integer path, ~10x faster than Decimal
-            rate_in, rate_out, rate_cached = rates.atto
+            rate_in, rate_out, rate_cached, rate_write, rate_write_1h = rates.atto
             cached_atto = rate_cached * cached
+            write_atto = rate_write * (writes - writes_1h) + rate_write_1h * writes_1h
             return Cost(
-                input_nanos=_atto_to_nanos(rate_in * (usage.input_tokens - cached) + cached_atto),
+                input_nanos=_atto_to_nanos(rate_in * uncached + cached_atto + write_atto),
                 output_nanos=_atto_to_nanos(rate_out * usage.output_tokens),
                 cached_nanos=_atto_to_nanos(cached_atto),
                 reasoning_nanos=_atto_to_nanos(rate_out * reasoning),
                 source=rates.source,
+                cache_write_nanos=_atto_to_nanos(write_atto),
             )
         cached_usd = rates.cached_input * cached
-        input_usd = rates.input * (usage.input_tokens - cached) + cached_usd
+        write_usd = rates.cache_write * (writes - writes_1h) + rates.cache_write_1h * writes_1h
+        input_usd = rates.input * uncached + cached_usd + write_usd
         reasoning_usd = rates.output * reasoning
         output_usd = rates.output * usage.output_tokens
         return Cost(
@@ -173,6 +240,7 @@ class Pricer:
             cached_nanos=usd_to_nanos(cached_usd),
             reasoning_nanos=usd_to_nanos(reasoning_usd),
             source=rates.source,
+            cache_write_nanos=usd_to_nanos(write_usd),
         )
 
 
@@ -198,34 +266,62 @@ def _genai_provider_id(name: str | None) -> str | None:
 
 
 def _lookup_genai_prices(provider: str | None, model: str) -> _Rates | None:
-    """Per-token rates from genai-prices' bundled snapshot, by pricing a million tokens of each kind.
+    """Per-token rates from genai-prices' bundled snapshot, by pricing a probe usage of each kind.
 
     Pricing a probe usage (rather than reading `ModelPrice` fields) lets genai-prices resolve its own
-    aliases; tiered prices resolve to the first tier. Without a provider, a model named `provider/model`
-    (as gateways name them) is priced by that provider when genai-prices knows it; otherwise genai-prices
-    takes the first provider, in its table's fixed order, whose model pattern matches: the same answer
-    for the same model every time.
+    aliases and fallbacks. Tiered prices (a call whose input passes a tier's start is priced wholly at that
+    tier's rates, as genai-prices does) are probed once per tier, inside it. Without a provider, a model
+    named `provider/model` (as gateways name them) is priced by that provider when genai-prices knows it;
+    otherwise genai-prices takes the first provider, in its table's fixed order, whose model pattern
+    matches: the same answer for the same model every time.
     """
-    from genai_prices import Usage, calc_price  # imported lazily: loading the price table takes ~100 ms
+    from genai_prices.types import TieredPrices  # imported lazily: loading the price table takes ~100 ms
 
     if provider is None and "/" in model:
         prefix, _, rest = model.partition("/")
         if (named := _genai_provider_id(prefix)) is not None:
             provider, model = named, rest
     try:
-        base = calc_price(Usage(input_tokens=1_000_000, output_tokens=1_000_000), model, provider_id=provider)
-        cached = calc_price(
-            Usage(input_tokens=1_000_000, cache_read_tokens=1_000_000), model, provider_id=provider
+        base, model_price = _probe(provider, model, 1)
+        # Where tiers start: a call with more input tokens than a start pays that tier's rates.
+        starts = sorted(
+            {
+                tier.start
+                for price in vars(model_price).values()
+                if isinstance(price, TieredPrices)
+                for tier in price.tiers
+            }
         )
+        tiers = tuple((start, _probe(provider, model, start + 1)[0]) for start in starts)
     except LookupError:
         logger.info("no price known for model %s/%s", provider, model)
         return None
     except Exception:  # a price table bug must never fail a request
         logger.exception("genai-prices failed for model %s/%s", provider, model)
         return None
-    return _Rates(
-        input=base.input_price / _PER_MTOK,
-        output=base.output_price / _PER_MTOK,
-        cached_input=cached.input_price / _PER_MTOK,
+    return replace(base, tiers=tiers) if tiers else base
+
+
+def _probe(provider: str | None, model: str, tokens: int) -> tuple[_Rates, ModelPrice]:
+    """The rates of a call of `tokens` input tokens (which picks the tier), and the `ModelPrice`
+    genai-prices used. Raises what `calc_price` raises (LookupError: no such model)."""
+    from genai_prices import Usage, calc_price
+
+    def input_price(**kinds: int) -> Decimal:
+        return (
+            calc_price(Usage(input_tokens=tokens, **kinds), model, provider_id=provider).input_price / tokens
+        )
+
+    base = calc_price(Usage(input_tokens=tokens, output_tokens=tokens), model, provider_id=provider)
+    # genai-prices counts cache reads and writes inside input_tokens, and one-hour writes inside cache
+    # writes; a model without a price for a kind prices it at the rate of the kind that contains it, so
+    # probing gives what `calc_price` charges either way.
+    rates = _Rates(
+        input=base.input_price / tokens,
+        output=base.output_price / tokens,
+        cached_input=input_price(cache_read_tokens=tokens),
+        cache_write=input_price(cache_write_tokens=tokens),
+        cache_write_1h=input_price(cache_write_tokens=tokens, cache_write_1h_tokens=tokens),
         source="genai-prices",
     )
+    return rates, base.model_price

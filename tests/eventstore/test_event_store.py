@@ -328,3 +328,73 @@ def test_an_in_memory_store_keeps_at_most_its_maximum(caplog: pytest.LogCaptureF
     lines = [r for r in caplog.records if "dropped the" in r.getMessage()]
     assert lines and lines[0].levelno == logging.WARNING and all(r.levelno == logging.INFO for r in lines[1:])
     store.close()
+
+
+CACHE_WRITES = {"cache_write_tokens": 3_000, "cache_write_1h_tokens": 1_000, "cache_write_cost_nanos": 12_345}
+
+
+def test_cache_write_fields_round_trip(store: AnyStore) -> None:
+    """An event's prompt-cache writes (tokens, one-hour tokens, cost) read back as written, next to
+    events without them (which read back as 0), on both backends."""
+    from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, event_row
+
+    events = [
+        make_event(1, NOW, input_tokens=5_000, cached_input_tokens=1_000, **CACHE_WRITES),
+        make_event(2, NOW, cached_input_tokens=7),  # the other optional group alone
+        make_event(3, NOW),
+    ]
+    store.insert(events)
+    columns = ", ".join(EVENT_COLUMNS)
+    if isinstance(store, DuckDBEventStore):
+        cur = store.cursor()
+        try:
+            rows = cur.execute(f"SELECT {columns} FROM {EVENTS_TABLE} ORDER BY event_id").fetchall()
+        finally:
+            cur.close()
+    else:
+        with store.connection() as conn:
+            rows = conn.execute(f"SELECT {columns} FROM {EVENTS_TABLE} ORDER BY event_id").fetchall()
+    assert [list(row) for row in rows] == [event_row(event) for event in events]
+    names = list(EVENT_COLUMNS)
+    got = {name: rows[0][names.index(name)] for name in CACHE_WRITES}
+    assert got == CACHE_WRITES
+    assert [rows[i][names.index("cache_write_cost_nanos")] for i in (1, 2)] == [0, 0]
+
+
+def test_a_duckdb_file_from_before_cache_writes_gains_the_columns(tmp_path: Path) -> None:
+    """A file written before events had cache writes gets the three columns when opened (at the end of
+    its table, so its physical order differs from `EVENT_COLUMNS`): its rows read 0 there, and rows of
+    every shape are appended by column name into the right places."""
+    from orq_proxy.eventstore.duckdb import EVENT_COLUMNS, EVENTS_TABLE, event_row
+
+    path = str(tmp_path / "old.duckdb")
+    old = {name: kind for name, kind in EVENT_COLUMNS.items() if name not in CACHE_WRITES}
+    conn = duckdb.connect(path)
+    conn.execute(f"CREATE TABLE {EVENTS_TABLE} ({', '.join(f'{n} {k}' for n, k in old.items())})")
+    old_event = make_event(0, NOW, input_tokens=9, cached_input_tokens=2)
+    old_row = [v for name, v in zip(EVENT_COLUMNS, event_row(old_event), strict=True) if name in old]
+    conn.execute(f"INSERT INTO {EVENTS_TABLE} VALUES ({', '.join('?' for _ in old)})", old_row)
+    conn.close()
+
+    store = DuckDBEventStore(path)
+    try:
+        events = [
+            make_event(1, NOW, input_tokens=5_000, **CACHE_WRITES),
+            make_event(
+                2, NOW, input_tokens=5_000, cached_input_tokens=4, identity_tags=["t"], **CACHE_WRITES
+            ),
+            make_event(3, NOW, reasoning_tokens=5),
+        ]
+        store.insert(events)
+        cur = store.cursor()
+        try:
+            physical = [row[0] for row in cur.execute(f"DESCRIBE {EVENTS_TABLE}").fetchall()]
+            rows = cur.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM {EVENTS_TABLE} ORDER BY event_id"
+            ).fetchall()
+        finally:
+            cur.close()
+    finally:
+        store.close()
+    assert physical[-3:] == list(CACHE_WRITES) and physical != list(EVENT_COLUMNS)
+    assert [list(row) for row in rows] == [event_row(e) for e in [old_event, *events]]

@@ -426,3 +426,44 @@ def test_writes_resume_promptly_after_a_server_restart(own_postgres: Any) -> Non
             assert store.count() == 3
         finally:
             store.close()
+
+
+def test_migrating_from_version_2_adds_the_cache_write_columns(pg_url: str) -> None:
+    """A database at version 2 (before cache writes) gets the three columns (0 for the rows it holds,
+    which it keeps); events with cache writes then round-trip, COPY and `insert_new` alike."""
+    from orq_proxy.postgres import migrate
+
+    migrate(pg_url, "events", STEPS[:2])
+    old = make_event(0, input_tokens=9, cached_input_tokens=2, budget_ids=["b"])
+    old_columns = [name for name in EVENT_COLUMNS if not name.startswith("cache_write")]
+    old_row = [v for name, v in zip(EVENT_COLUMNS, event_row(old), strict=True) if name in old_columns]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {EVENTS_TABLE} ({', '.join(old_columns)}) "
+            f"VALUES ({', '.join('%s' for _ in old_columns)})",
+            old_row,
+        )
+    writes = {"cache_write_tokens": 3_000, "cache_write_1h_tokens": 1_000, "cache_write_cost_nanos": 12_345}
+    store = PostgresEventStore(pg_url)
+    try:
+        assert schema_version(pg_url) == len(STEPS) == 3
+        new = [make_event(1, input_tokens=5_000, **writes), make_event(2)]
+        store.insert(new[:1])
+        assert store.insert_new([old, *new]) == 1  # (only e00002 is new)
+        with store.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM {EVENTS_TABLE} ORDER BY event_id"
+            ).fetchall()
+            physical = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                    "AND NOT attisdropped ORDER BY attnum",
+                    (EVENTS_TABLE,),
+                ).fetchall()
+            ]
+        assert [list(row) for row in rows] == [event_row(e) for e in [old, *new]]
+        assert physical[-3:] == list(writes)
+        assert store.identity_totals("w", ["u"], T0)["u"].requests == 3
+    finally:
+        store.close()
