@@ -39,6 +39,7 @@ from orq_proxy.proxy.routing import RoutingMiddleware
 from orq_proxy.proxy.upstream import quiet_expected_aborts
 from orq_proxy.reporting.api import routes as reporting_routes
 from orq_proxy.services import Services, build_services
+from orq_proxy.ui import routes as ui_routes
 
 __all__ = ["Hook", "OrqProxy", "build_app", "tune_gc", "untune_gc"]
 
@@ -216,6 +217,7 @@ def build_app(config: ProxyConfig, **services: Any) -> OrqProxy:
             clock=s.clock,
             retention_days=config.reporting.retention_days,
         ),
+        *ui_routes(),
     ]
     proxy = OrqProxy(services=s, proxy_stack=app, budget_gate=gate, routes=routes)
     return proxy

@@ -429,6 +429,39 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": {
                 "get": {"summary": "Liveness", "security": [], "responses": {"200": _json(any_object)}}
             },
+            # The dashboard (orq_proxy/ui): static files, no key (the page sends one to /v2/* itself).
+            "/ui": {
+                "get": {
+                    "summary": "The dashboard (HTML page)",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "OK", "content": {"text/html": {"schema": {"type": "string"}}}}
+                    },
+                }
+            },
+            "/ui/": {
+                "get": {
+                    "summary": "Redirects to /ui",
+                    "security": [],
+                    "responses": {"308": {"description": "Permanent redirect to /ui"}},
+                }
+            },
+            "/ui/static/{path}": {
+                "get": {
+                    "summary": "A file of the dashboard (scripts, styles, the vendored uPlot)",
+                    "security": [],
+                    "parameters": [
+                        {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {"description": "The file, with its content type"},
+                        "404": {
+                            "description": "No such file",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                    },
+                }
+            },
             "/readyz": {
                 "get": {
                     "summary": "Readiness",

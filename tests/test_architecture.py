@@ -26,7 +26,7 @@ MODULES = {
 # The layers, bottom up. A module may import from its own layer and those below, never above.
 KERNEL = {"usage"}  # what a request used and cost: below every slice
 BASE = {"clock", "config", "context", "errors", "ids", "logs", "timefmt", "auth", "management", "postgres"}
-SLICES = {"budgets", "identities", "metering", "proxy", "reporting", "sinks", "eventstore"}
+SLICES = {"budgets", "identities", "metering", "proxy", "reporting", "sinks", "eventstore", "ui"}
 TOP = {"services", "app", "openapi", "cli", "demo", "__main__"}  # openapi documents every slice's API
 
 
