@@ -23,6 +23,7 @@ from orq_proxy.testing.fake_upstream import FakeUpstream, RecordedRequest
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.money import usd_to_nanos
+from tests.waiting import wait_for
 
 UPSTREAM_KEY = "sk-upstream-secret"
 ADMIN, USER, OWNED = "sk-admin", "sk-user", "sk-owned"
@@ -58,12 +59,8 @@ def proxy(
     yield app, server, sink
 
 
-def wait_events(sink: MemorySink, n: int, timeout: float = 5.0) -> list[UsageEvent]:
-    deadline = time.monotonic() + timeout
-    while len(sink.events) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {n} events, got {len(sink.events)}: {sink.events}")
-        time.sleep(0.01)
+def wait_events(sink: MemorySink, n: int) -> list[UsageEvent]:
+    wait_for(lambda: len(sink.events) >= n, what=f"{n} usage events")
     time.sleep(0.05)  # nothing more should come
     assert len(sink.events) == n, sink.events
     return list(sink.events)

@@ -24,6 +24,7 @@ from orq_proxy.testing.fake_upstream import FakeUpstream, RecordedRequest
 from orq_proxy.testing.servers import ServerThread
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.money import usd_to_nanos
+from tests.waiting import wait_for
 
 UPSTREAM_KEY = "sk-upstream-secret"
 ADMIN, USER = "sk-admin", "sk-user"
@@ -59,12 +60,8 @@ def proxy(proxy_factory: Any, fake: FakeUpstream, fake_server: tuple[FakeUpstrea
     return server, sink
 
 
-def wait_events(sink: MemorySink, n: int, timeout: float = 5.0) -> list[UsageEvent]:
-    deadline = time.monotonic() + timeout
-    while len(sink.events) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {n} events, got {len(sink.events)}")
-        time.sleep(0.01)
+def wait_events(sink: MemorySink, n: int) -> list[UsageEvent]:
+    wait_for(lambda: len(sink.events) >= n, what=f"{n} usage events")
     return list(sink.events)
 
 
