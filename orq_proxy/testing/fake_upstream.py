@@ -1,11 +1,13 @@
-"""An OpenAI-compatible fake upstream: a fast raw ASGI app for tests, the demo and benchmarks.
+"""A fake upstream: a fast raw ASGI app for tests, the demo and benchmarks, speaking OpenAI's API,
+Anthropic's Messages API and Azure OpenAI's layout.
 
-It answers like OpenAI's API, in the shapes the `openai` SDK parses (ids, `object` names, `usage` blocks,
-SSE framing), with deterministic content and token counts, so the proxy's metering can be checked to the
-token. It is also the benchmarks' upstream, so it precomputes what it can, uses stdlib `json` only, and
-builds SSE events from string templates.
+It answers in the shapes the official SDKs parse (`openai`, `openai.AzureOpenAI`, `anthropic`: ids, `object`
+names, `usage` blocks, SSE framing), with deterministic content and token counts, so the proxy's metering can
+be checked to the token. It is also the benchmarks' upstream, so it precomputes what it can, uses stdlib
+`json` only, and builds SSE events from string templates; a request for one of OpenAI's routes pays one
+dict lookup for the other two APIs.
 
-Routes (everything under `/v1`; the base URL given to a client or to the proxy is `http://HOST:PORT/v1`):
+OpenAI routes (under `/v1`; the base URL given to a client or to the proxy is `http://HOST:PORT/v1`):
 
 - `POST /v1/chat/completions`: JSON, or SSE with `"stream": true` (role chunk, one chunk per word,
   a `finish_reason` chunk, then `data: [DONE]`). Only when `stream_options.include_usage` is true is a
@@ -19,9 +21,40 @@ Routes (everything under `/v1`; the base URL given to a client or to the proxy i
 - `POST /v1/completions`: legacy completions, JSON or SSE (same usage-chunk rule as chat).
 - `POST /v1/embeddings`: floats, or base64 little-endian float32 (what the SDK asks for by default).
 - `GET /v1/models`, `GET /v1/models/{id}`.
-Anything else is 404 with OpenAI's `Invalid URL (METHOD /path)` error, except Anthropic's Messages API
-(`/v1/messages`, `/v1/messages/count_tokens`) and Azure OpenAI's layout (`/openai/deployments/...`), which
-`fake_providers.py` answers (its docstring has their rules).
+Anything else is 404 with OpenAI's `Invalid URL (METHOD /path)` error, except the paths below.
+
+Anthropic routes (a client's or proxy's base URL is `http://HOST:PORT`; the SDK adds `/v1/messages`):
+- `POST /v1/messages`: JSON, or SSE with `"stream": true`: `message_start` (the message with `content: []`,
+  `stop_reason: null` and the input usage with `output_tokens: 1`, as Anthropic sends), `content_block_start`,
+  `ping`, one `content_block_delta` (`text_delta`) per word, `content_block_stop`, `message_delta`
+  (`stop_reason`; `usage` with the cumulative `output_tokens`, repeating `input_tokens` and the two cache
+  totals, as Anthropic now does), `message_stop`. Each event is `event: NAME` + `data: {"type": NAME, ...}`.
+- `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, N being the message's whole input (below).
+- Checks, in this order, each refused in Anthropic's shape `{"type": "error", "error": {"type", "message"},
+  "request_id"}` (also sent as the `request-id` header): another path under `/v1/messages`, or any unknown
+  path sent with `anthropic-version`: 404 `not_found_error`; with an `api_key`, the key as `x-api-key` or
+  `Authorization: Bearer` (anthropic>=2 sends the latter), else 401 `authentication_error`; no
+  `anthropic-version` header: 400; then `x-fake-status`; then the body: `model`, a non-empty `messages` list
+  and (not for count_tokens) `max_tokens`, a positive integer, else 400 `invalid_request_error`.
+- The echoed `model` is the requested one (or `x-fake-model`); `stop_reason` is `end_turn`, or `max_tokens`
+  when the words were capped.
+
+Azure OpenAI routes (`openai.AzureOpenAI(azure_endpoint="http://HOST:PORT")`):
+- `POST /openai/deployments/{deployment}/chat/completions|completions|embeddings?api-version=V`, answered by
+  the OpenAI routes above (same words, usage and knobs). The body's `model` is optional and ignored: the
+  answer names the deployment's model (`azure_models`, default the deployment's name, `x-fake-model` wins).
+  Recorded with its Azure path and query, `api="azure"`, `deployment` and `api_version`.
+- Checks, in this order, in Azure's shape `{"error": {"code", "message"}}`: another path, or no `api-version`
+  (Azure answers both alike): 404 `Resource not found`; an `api-version` that is not `YYYY-MM-DD[-preview]`:
+  400 `API version not supported`; with an `api_key`, the `api-key` header (a bearer token is not taken):
+  401 `Access denied due to invalid subscription key...`; then `x-fake-status` (code `"429"`, ...).
+- JSON answers (chat, legacy completions) carry `prompt_filter_results` and each choice's
+  `content_filter_results`. Streams open with Azure's prompt-filter chunk (`"choices": []`, `"id": ""`,
+  `"model": ""`, `prompt_filter_results`); every choice carries `content_filter_results`; chat streams then
+  send, after the last `finish_reason` chunk and before the usage chunk, one content-filter annotation per
+  choice with no `delta` (`content_filter_results`, `content_filter_offsets`; off with
+  `x-fake-azure-filter-chunks: 0`). With `stream_options.include_usage` these chunks carry `"usage": null`
+  and the usage chunk is last before `[DONE]`, as for OpenAI.
 
 Deterministic usage:
 - Prompt tokens: the number of whitespace-separated words in every text the request carries, plus 4 per
@@ -37,6 +70,16 @@ Deterministic usage:
 - `completion_tokens` = words + reasoning tokens (OpenAI counts reasoning in completion tokens);
   `cached_tokens` (never more than the prompt) and `reasoning_tokens` are 0 unless a header asks.
 - The echoed `model` is the requested model (or `x-fake-model`).
+- Anthropic: the whole input is the words of `system` (a string or text blocks; counted as one more message,
+  4 more tokens, when not empty) and of each message's content (a string, or blocks: a block's `text`, a
+  `tool_result`'s content; images, tool_use and others count 0), plus 4 per message, under the
+  `x-fake-prompt-tokens` rule. Tools count 0. `count_tokens` answers that whole input. Anthropic's
+  `input_tokens` excludes the cache: the `x-fake-cache-*` reads, then 5-minute writes, then 1-hour writes
+  are carved out of the whole input in that order, each capped by what is left, so `input_tokens +
+  cache_creation_input_tokens + cache_read_input_tokens` is always the whole input, and
+  `cache_creation` = `{"ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"}` splits the writes.
+  `output_tokens` = the words (a stream's `message_start` says 1). `service_tier` is `"standard"`.
+  `x-fake-cached-tokens` and `x-fake-reasoning-tokens` are OpenAI-only.
 
 Per-request control through request headers (the proxy forwards client headers, so tests use the
 openai SDK's `extra_headers`):
@@ -54,7 +97,17 @@ openai SDK's `extra_headers`):
 | `x-fake-reasoning-tokens: N` | report N reasoning tokens (added to the completion tokens) |
 | `x-fake-model: NAME` | answer as model NAME (an alias or deployment name the upstream resolves to another model) |
 | `x-fake-prompt-tokens: RULE` | how prompt tokens are counted: `words` (default), `chars` (one per non-space character, as CJK tokenizes) or `bytes/N` (UTF-8 bytes / N, rounded up per text) |
+| `x-fake-cache-read-tokens: N` | Anthropic: N of the input read from the cache (`cache_read_input_tokens`) |
+| `x-fake-cache-write-tokens: N` | Anthropic: N of the input written to the 5-minute cache |
+| `x-fake-cache-write-1h-tokens: N` | Anthropic: N of the input written to the 1-hour cache |
+| `x-fake-anthropic-late-usage: 1` | Anthropic streams: the `cache_creation` TTL split only in `message_delta`, not in `message_start` (the totals stay in both) |
+| `x-fake-stream-error: N` | Anthropic streams: after N text deltas (or all, if fewer), an `event: error` (`overloaded_error`), then the stream ends cleanly |
+| `x-fake-azure-filter-chunks: 0` | Azure chat streams: no delta-less content-filter chunk (on by default) |
 | `x-fake-usage-chunk: SHAPE` | chat streams with include_usage: where the usage goes. `openai` (default, as above); `litellm` (LiteLLM's proxy: no `"usage": null`, the usage on a last chunk with `"choices": [{"index": 0, "delta": {}}]`); `vllm-continuous` (vLLM's `continuous_usage_stats`: the usage so far on every chunk, all of it on the `finish_reason` chunk, then the `choices: []` chunk); `on-finish` (only on the `finish_reason` chunk). Without include_usage every shape sends the same stream |
+
+Every knob works on all three APIs unless the table says otherwise (`x-fake-status` answers in each API's
+error shape; 529 is Anthropic's `overloaded_error`; `x-fake-omit-usage` leaves no `usage` anywhere, in
+`message_start` and `message_delta` included; `x-fake-disconnect-after` counts Anthropic's `ping` too).
 
 Timing knobs: `latency` delays every answer before its headers; `ttft` and `chunk_delay` only apply to
 streams. A stream that is waiting notices a client disconnect, stops, and marks the recorded request
@@ -63,7 +116,8 @@ streams. A stream that is waiting notices a client disconnect, stops, and marks 
 A mid-stream disconnect returns from the ASGI callable without finishing the response: uvicorn then closes
 the socket with the chunked body unterminated, so the client sees a broken stream, never a clean end.
 
-Run standalone: `python -m orq_proxy.testing.fake_upstream --port 9000 [--host H] [--latency-ms N]`.
+Run standalone: `python -m orq_proxy.testing.fake_upstream --port 9000 [--host H] [--latency-ms N]
+[--azure-model DEPLOYMENT=MODEL ...]`.
 """
 
 from __future__ import annotations
@@ -73,15 +127,15 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
-
-from orq_proxy.testing.fake_providers import handle_provider_path, is_provider_path
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -133,6 +187,11 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
 }
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _USAGE_CHUNK_SHAPES = ("openai", "litellm", "vllm-continuous", "on-finish")  # `x-fake-usage-chunk`
+_FLAG_HEADERS = {  # yes/no `x-fake-*` headers -> their `_Plan` field
+    "x-fake-omit-usage": "omit_usage",
+    "x-fake-anthropic-late-usage": "late_usage",
+    "x-fake-azure-filter-chunks": "azure_filter_chunks",
+}
 
 # Responses API: the Response fields that are the same in every answer (the fake has no tools, no reasoning
 # and no background mode), encoded once as a JSON fragment. Each snapshot of a response (created,
@@ -286,6 +345,9 @@ class RecordedRequest:
         headers: lower-case name -> value (the last one wins when repeated).
         body: raw body bytes; json: the parsed body, or None when it is not JSON.
         disconnected: the client went away while a stream was being produced.
+        api: which API the request was answered as: `"openai"`, `"anthropic"` or `"azure"`.
+        deployment, api_version: Azure requests only: the deployment named in the path and the
+            `api-version` query parameter (None when absent).
     """
 
     method: str
@@ -295,6 +357,9 @@ class RecordedRequest:
     body: bytes
     json: Any
     disconnected: bool = False
+    api: str = "openai"
+    deployment: str | None = None
+    api_version: str | None = None
 
 
 @dataclass(slots=True)
@@ -313,6 +378,15 @@ class _Plan:
     usage_chunk: str = "openai"
     count: TokenCounter = count_words  # prompt tokens of one text (`x-fake-prompt-tokens`)
     answer_model: str = ""  # `x-fake-model`: the model the answer names (default: the requested one)
+    # Anthropic only: cache reads and writes carved out of the prompt, the late TTL split, a stream error.
+    cache_read: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    late_usage: bool = False
+    stream_error: int = 0  # after this many text deltas (0: never)
+    # Azure only: answering an Azure request (filter results), and its delta-less content-filter chunk.
+    azure: bool = False
+    azure_filter_chunks: bool = True
 
 
 @dataclass(slots=True)
@@ -348,6 +422,7 @@ class FakeUpstream:
         api_key: str | None = None,
         record: bool = True,
         words: int = DEFAULT_WORDS,
+        azure_models: dict[str, str] | None = None,
     ) -> None:
         if min(latency, ttft, chunk_delay) < 0:
             raise ValueError("latency, ttft and chunk_delay must be >= 0 seconds")
@@ -359,6 +434,7 @@ class FakeUpstream:
         self.api_key = api_key
         self.record = record
         self.words = words
+        self.azure_models = dict(azure_models or {})
         self.requests: list[RecordedRequest] = []
         self._ids = itertools.count(1)
         self._post_routes: dict[
@@ -393,10 +469,16 @@ class FakeUpstream:
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        # Anthropic's Messages API, Azure's layout: fake_providers.py (the first test keeps OpenAI's fast).
-        if (path[:3] != "/v1" or path[:12] == "/v1/messages") and is_provider_path(path):
-            await handle_provider_path(self, scope, receive, send)
-            return
+        # Only a path that is none of OpenAI's is looked at further, so the benchmarks' requests pay one
+        # dict lookup for the other APIs. Anthropic's are told apart by path, or, for a path no API has,
+        # by the `anthropic-version` header every Anthropic client sends (its 404 is Anthropic's).
+        if path not in self._post_routes and path[:10] != "/v1/models":
+            if path[:8] == "/openai/":
+                await self._azure(scope, receive, send)
+                return
+            if path[:12] == "/v1/messages" or any(k == b"anthropic-version" for k, _ in scope["headers"]):
+                await self._anthropic(scope, receive, send)
+                return
         plan = _Plan(self.latency, self.ttft, self.chunk_delay, self.words)
         authorization: str | None = None
         fake_headers: list[tuple[bytes, bytes]] = []
@@ -432,14 +514,11 @@ class FakeUpstream:
                 parsed = None
         record: RecordedRequest | None = None
         if self.record:
-            recorded = scope.get("fake.recorded")  # (path, query, headers) of an Azure-layout request
             record = RecordedRequest(
                 method=method,
-                path=recorded[0] if recorded else path,
-                query=recorded[1] if recorded else scope.get("query_string", b"").decode("latin-1"),
-                headers=recorded[2]
-                if recorded
-                else {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+                path=path,
+                query=scope.get("query_string", b"").decode("latin-1"),
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
                 body=body,
                 json=parsed,
             )
@@ -518,9 +597,16 @@ class FakeUpstream:
         return n, False
 
     async def _start_stream(
-        self, send: Send, plan: _Plan, record: RecordedRequest | None, receive: Receive
+        self,
+        send: Send,
+        plan: _Plan,
+        record: RecordedRequest | None,
+        receive: Receive,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> _Stream:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers(_SSE_HEADERS)})
+        if headers is None:
+            headers = self._headers(_SSE_HEADERS)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         stream = _Stream(send, plan, record)
         if plan.ttft or plan.chunk_delay:
             # Only a stream that waits needs to notice a client that leaves; a fast one just finishes.
@@ -598,6 +684,8 @@ class FakeUpstream:
             }
             if not plan.omit_usage:
                 answer["usage"] = usage
+            if plan.azure:
+                _add_azure_filter_results(answer)
             await self._send_json(send, answer)
             return
         include_usage = _include_usage(body) and not plan.omit_usage
@@ -640,6 +728,8 @@ class FakeUpstream:
                     f'"choices":[],"usage":{_dumps(usage)}}}\n\n'
                 ).encode()
             )
+        if plan.azure:
+            _azureize_chat_stream(events, n, n_words, plan, shape == "openai")
         events.append(b"data: [DONE]\n\n")
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
 
@@ -671,6 +761,8 @@ class FakeUpstream:
             }
             if not plan.omit_usage:
                 answer["usage"] = usage
+            if plan.azure:
+                _add_azure_filter_results(answer)
             await self._send_json(send, answer)
             return
         include_usage = _include_usage(body) and not plan.omit_usage
@@ -686,6 +778,8 @@ class FakeUpstream:
                 (head + _dumps(text) + ',"index":0,"logprobs":null,"finish_reason":null}],' + tail).encode()
             )
         events.append((head + f'"","index":0,"logprobs":null,"finish_reason":"{finish}"}}],' + tail).encode())
+        if plan.azure:
+            events.insert(0, _azure_prompt_filter_chunk(include_usage))
         if include_usage:
             events.append(
                 (
@@ -806,6 +900,207 @@ class FakeUpstream:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 
+    # --- Azure OpenAI --------------------------------------------------------------------------------
+
+    async def _azure(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/openai/deployments/{deployment}/{operation}?api-version=V`, answered by the OpenAI routes as
+        the deployment's model, with Azure's filter results, errors and key header."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        match = _AZURE_PATH.fullmatch(path)
+        deployment = match.group(1) if match else None
+        versions = parse_qs(query).get("api-version")
+        api_version = versions[-1] if versions else None
+        body = await _read_body(receive) if method == "POST" else b""
+        if body is None:
+            return
+        parsed = _parse_json(body)
+        record: RecordedRequest | None = None
+        if self.record:
+            record = RecordedRequest(
+                method,
+                path,
+                query,
+                headers,
+                body,
+                parsed,
+                api="azure",
+                deployment=deployment,
+                api_version=api_version,
+            )
+            self.requests.append(record)
+        handler = self._post_routes.get("/v1" + match.group(2)) if match and method == "POST" else None
+        if handler is None or api_version is None:
+            # Azure answers a request without `api-version` as it answers an unknown path.
+            await _send_azure_error(send, 404, "404", "Resource not found")
+            return
+        if not _AZURE_API_VERSION.fullmatch(api_version):
+            await _send_azure_error(send, 400, "BadRequest", "API version not supported")
+            return
+        if self.api_key is not None and headers.get("api-key") != self.api_key:
+            await _send_azure_error(send, 401, "401", _AZURE_ACCESS_DENIED)
+            return
+        plan = _Plan(self.latency, self.ttft, self.chunk_delay, self.words, azure=True)
+        try:
+            _apply_controls(plan, [(k, v) for k, v in scope["headers"] if k[:7] == b"x-fake-"])
+        except ValueError as exc:
+            await _send_azure_error(send, 400, "BadRequest", str(exc))
+            return
+        if plan.latency:
+            await asyncio.sleep(plan.latency)
+        if plan.status >= 400:
+            code, message = _AZURE_ERRORS.get(plan.status, (str(plan.status), "Fake upstream error."))
+            await _send_azure_error(send, plan.status, code, message)
+            return
+        if not isinstance(parsed, dict):
+            await _send_azure_error(send, 400, "BadRequest", "The request body must be a JSON object.")
+            return
+        # Azure ignores the body's `model`: the deployment decides, and answers with its model's name.
+        assert deployment is not None
+        model = plan.answer_model or self.azure_models.get(deployment, deployment)
+        await handler({**parsed, "model": model}, plan, send, record, receive)
+
+    # --- Anthropic Messages --------------------------------------------------------------------------
+
+    async def _anthropic(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`POST /v1/messages` and `POST /v1/messages/count_tokens`, with Anthropic's checks and errors."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await _read_body(receive) if method == "POST" else b""
+        if body is None:
+            return
+        parsed = _parse_json(body)
+        record: RecordedRequest | None = None
+        if self.record:
+            query = scope.get("query_string", b"").decode("latin-1")
+            record = RecordedRequest(method, path, query, headers, body, parsed, api="anthropic")
+            self.requests.append(record)
+        request_id = "req_" + self._next_id()
+        if method != "POST" or path not in _ANTHROPIC_PATHS:
+            await _send_anthropic_error(send, 404, "Not Found", request_id)
+            return
+        if self.api_key is not None:
+            # Anthropic takes the key as `x-api-key`, or as a bearer token (what anthropic>=2 sends).
+            key = headers.get("x-api-key")
+            authorization = headers.get("authorization", "")
+            if key is None and authorization[:7] == "Bearer ":
+                key = authorization[7:]
+            if key != self.api_key:
+                message = "x-api-key header is required" if key is None else "invalid x-api-key"
+                await _send_anthropic_error(send, 401, message, request_id)
+                return
+        if "anthropic-version" not in headers:
+            await _send_anthropic_error(send, 400, "anthropic-version: header is required", request_id)
+            return
+        plan = _Plan(self.latency, self.ttft, self.chunk_delay, self.words)
+        try:
+            _apply_controls(plan, [(k, v) for k, v in scope["headers"] if k[:7] == b"x-fake-"])
+        except ValueError as exc:
+            await _send_anthropic_error(send, 400, str(exc), request_id)
+            return
+        if plan.latency:
+            await asyncio.sleep(plan.latency)
+        if plan.status >= 400:
+            await _send_anthropic_error(send, plan.status, "Fake upstream error.", request_id)
+            return
+        problem = _anthropic_problem(parsed, count_only=path == "/v1/messages/count_tokens")
+        if problem:
+            await _send_anthropic_error(send, 400, problem, request_id)
+            return
+        prompt = _anthropic_prompt_tokens(parsed, plan.count)
+        if path == "/v1/messages/count_tokens":
+            await _send_json_bytes(send, 200, _dumps({"input_tokens": prompt}).encode(), request_id)
+            return
+        await self._messages(parsed, prompt, plan, send, record, receive, request_id)
+
+    async def _messages(
+        self,
+        body: dict[str, Any],
+        prompt: int,
+        plan: _Plan,
+        send: Send,
+        record: RecordedRequest | None,
+        receive: Receive,
+        request_id: str,
+    ) -> None:
+        # The cache reads and writes are carved out of the prompt, in this order, never more than it:
+        # Anthropic's `input_tokens` is what is left (total input = input + cache creation + cache read).
+        read = min(plan.cache_read, prompt)
+        write_5m = min(plan.cache_write, prompt - read)
+        write_1h = min(plan.cache_write_1h, prompt - read - write_5m)
+        input_usage: dict[str, Any] = {
+            "input_tokens": prompt - read - write_5m - write_1h,
+            "cache_creation_input_tokens": write_5m + write_1h,
+            "cache_read_input_tokens": read,
+        }
+        split = {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h}
+        max_tokens: int = body["max_tokens"]
+        n_words = min(plan.words, max_tokens)
+        stop_reason = "max_tokens" if plan.words > max_tokens else "end_turn"
+        model = plan.answer_model or body["model"]
+        message: dict[str, Any] = {
+            "id": "msg_" + self._next_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": " ".join(_words(n_words))}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+        }
+        if body.get("stream") is not True:
+            if not plan.omit_usage:
+                message["usage"] = {
+                    **input_usage,
+                    "cache_creation": split,
+                    "output_tokens": n_words,
+                    "service_tier": "standard",
+                }
+            await _send_json_bytes(send, 200, _dumps(message).encode(), request_id)
+            return
+
+        message["content"] = []
+        message["stop_reason"] = None
+        start_usage = {**input_usage, "output_tokens": 1, "service_tier": "standard"}  # 1, as Anthropic sends
+        delta_usage = {**input_usage, "output_tokens": n_words}  # cumulative, repeating the input figures
+        if plan.late_usage:
+            delta_usage["cache_creation"] = split  # the TTL split only here, at the end
+        else:
+            start_usage["cache_creation"] = split
+        if not plan.omit_usage:
+            message["usage"] = start_usage
+        events: list[bytes | None] = [
+            _anthropic_event("message_start", {"message": message}),
+            _anthropic_event(
+                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+            ),
+            _ANTHROPIC_PING,
+        ]
+        for i, word in enumerate(_words(n_words)):
+            if plan.stream_error and i == plan.stream_error:
+                break
+            events.append(None)
+            events.append(
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                b'"delta":{"type":"text_delta","text":'
+                + _dumps(" " + word if i else word).encode()
+                + b"}}\n\n"
+            )
+        if plan.stream_error:
+            error = {"type": "overloaded_error", "message": "Overloaded"}
+            events.append(_anthropic_event("error", {"error": error, "request_id": request_id}))
+        else:
+            delta: dict[str, Any] = {"delta": {"stop_reason": stop_reason, "stop_sequence": None}}
+            if not plan.omit_usage:
+                delta["usage"] = delta_usage
+            events.append(_anthropic_event("content_block_stop", {"index": 0}))
+            events.append(_anthropic_event("message_delta", delta))
+            events.append(_ANTHROPIC_STOP)
+        headers = [*_SSE_HEADERS, (b"request-id", request_id.encode())]
+        await self._run_stream(await self._start_stream(send, plan, record, receive, headers), events)
+
 
 def build_fake_upstream(
     *,
@@ -814,14 +1109,18 @@ def build_fake_upstream(
     chunk_delay: float = 0.0,
     api_key: str | None = None,
     record: bool = True,
+    azure_models: dict[str, str] | None = None,
 ) -> FakeUpstream:
-    """Build the OpenAI-compatible fake upstream (an ASGI app).
+    """Build the fake upstream (an ASGI app): OpenAI's API, Anthropic's Messages API and Azure's layout.
 
     Args:
         latency: seconds before every answer's headers.
         ttft: streams only: seconds between the headers and the first event.
         chunk_delay: streams only: seconds before each content event after the first.
-        api_key: when set, a missing or different `Authorization: Bearer` gets OpenAI's 401.
+        api_key: when set, a missing or different key gets a 401 in each API's shape: OpenAI's routes
+            read `Authorization: Bearer`, Anthropic's `x-api-key` and Azure's `api-key`.
+        azure_models: Azure deployment -> the model it answers as (`{"prod": "gpt-4o-mini-2024-07-18"}`);
+            a deployment not listed answers as its own name.
         record: keep every request in `.requests` (turn off for long benchmark runs).
 
     Example:
@@ -831,7 +1130,14 @@ def build_fake_upstream(
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
             assert fake.requests[0].json["model"] == "gpt-4o"
     """
-    return FakeUpstream(latency=latency, ttft=ttft, chunk_delay=chunk_delay, api_key=api_key, record=record)
+    return FakeUpstream(
+        latency=latency,
+        ttft=ttft,
+        chunk_delay=chunk_delay,
+        api_key=api_key,
+        record=record,
+        azure_models=azure_models,
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -898,12 +1204,209 @@ def _add_running_usage(events: list[bytes | None], usage: dict[str, Any]) -> Non
         n += 1
 
 
+# --- Azure helpers -------------------------------------------------------------------------------------
+
+_AZURE_PATH = re.compile(r"/openai/deployments/([^/]+)(/chat/completions|/completions|/embeddings)")
+_AZURE_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
+_AZURE_ACCESS_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
+    "for an active subscription and use a correct regional API endpoint for your resource."
+)
+_AZURE_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("BadRequest", "Invalid request."),
+    403: ("403", "Access denied."),
+    404: ("DeploymentNotFound", "The API deployment for this resource does not exist."),
+    408: ("Timeout", "The operation was timeout."),
+    429: ("429", "Requests have exceeded the token rate limit of your current pricing tier."),
+    500: ("InternalServerError", "The service is temporarily unable to process your request."),
+}
+_SAFE = {"filtered": False, "severity": "safe"}
+_NOT_DETECTED = {"filtered": False, "detected": False}
+_AZURE_PROMPT_RESULTS = {
+    "hate": _SAFE,
+    "jailbreak": _NOT_DETECTED,
+    "self_harm": _SAFE,
+    "sexual": _SAFE,
+    "violence": _SAFE,
+}
+_AZURE_CHOICE_RESULTS = {
+    "hate": _SAFE,
+    "protected_material_code": _NOT_DETECTED,
+    "protected_material_text": _NOT_DETECTED,
+    "self_harm": _SAFE,
+    "sexual": _SAFE,
+    "violence": _SAFE,
+}
+_AZURE_PROMPT_FILTER = _dumps([{"prompt_index": 0, "content_filter_results": _AZURE_PROMPT_RESULTS}])
+_AZURE_CHOICE_FILTER = _dumps(_AZURE_CHOICE_RESULTS)
+
+
+def _add_azure_filter_results(answer: dict[str, Any]) -> None:
+    """A JSON answer as Azure sends it: the prompt's filter results, and each choice's."""
+    answer["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": _AZURE_PROMPT_RESULTS}]
+    for choice in answer["choices"]:
+        choice["content_filter_results"] = _AZURE_CHOICE_RESULTS
+
+
+def _azure_prompt_filter_chunk(usage_null: bool) -> bytes:
+    """Azure's first stream chunk: no choices, no model, the prompt's filter results."""
+    usage = ',"usage":null' if usage_null else ""
+    return (
+        f'data: {{"choices":[],"created":0,"id":"","model":"","object":"",'
+        f'"prompt_filter_results":{_AZURE_PROMPT_FILTER}{usage}}}\n\n'
+    ).encode()
+
+
+def _azureize_chat_stream(
+    events: list[bytes | None], n: int, n_words: int, plan: _Plan, usage_null: bool
+) -> None:
+    """A chat stream in Azure's shape, in place: the prompt-filter chunk first, `content_filter_results`
+    on every choice, and (unless `x-fake-azure-filter-chunks: 0`) after the last `finish_reason` chunk
+    one content-filter annotation per choice, without a `delta` (Azure's asynchronous filter)."""
+    last_finish = -1
+    for i, event in enumerate(events):
+        if event is None:
+            continue
+        if b'"finish_reason":"' in event:
+            last_finish = i
+        events[i] = event.replace(
+            b'"logprobs":null,"finish_reason":',
+            b'"logprobs":null,"content_filter_results":{},"finish_reason":',
+            1,
+        )
+    if plan.azure_filter_chunks:
+        end = len(" ".join(_words(n_words)))  # the offsets are character positions in the answer
+        usage = ',"usage":null' if usage_null else ""
+        annotations = [
+            (
+                f'data: {{"choices":[{{"index":{index},"finish_reason":null,'
+                f'"content_filter_results":{_AZURE_CHOICE_FILTER},'
+                f'"content_filter_offsets":{{"check_offset":{end},"start_offset":0,"end_offset":{end}}}}}],'
+                f'"created":0,"id":"","model":"","object":""{usage}}}\n\n'
+            ).encode()
+            for index in range(n)
+        ]
+        events[last_finish + 1 : last_finish + 1] = annotations
+    events.insert(0, _azure_prompt_filter_chunk(usage_null))
+
+
+async def _send_azure_error(send: Send, status: int, code: str, message: str) -> None:
+    await _send_json(send, status, {"error": {"code": code, "message": message}})
+
+
+# --- Anthropic helpers ---------------------------------------------------------------------------------
+
+_ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_ANTHROPIC_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_ANTHROPIC_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def _anthropic_event(kind: str, fields: dict[str, Any]) -> bytes:
+    """One Anthropic SSE event: `event: NAME`, then JSON data whose `type` is that name."""
+    return f"event: {kind}\ndata: {_dumps({'type': kind, **fields})}\n\n".encode()
+
+
+async def _send_anthropic_error(send: Send, status: int, message: str, request_id: str) -> None:
+    error_type = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    payload = {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
+    await _send_json_bytes(send, status, _dumps(payload).encode(), request_id)
+
+
+def _anthropic_problem(body: Any, *, count_only: bool) -> str | None:
+    """What Anthropic would refuse in this body (400 invalid_request_error), or None."""
+    if not isinstance(body, dict):
+        return "The request body is not valid JSON."
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return "model: Field required"
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return "messages: Field required"
+    if not messages:
+        return "messages: at least one message is required"
+    if count_only:
+        return None
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        return "max_tokens: Field required"
+    if type(max_tokens) is not int or max_tokens < 1:
+        return "max_tokens: Input should be a positive integer"
+    return None
+
+
+def _anthropic_blocks_tokens(content: Any, count: TokenCounter) -> int:
+    """A content string, or blocks: each block's `text`, and a `tool_result`'s content; others 0."""
+    if isinstance(content, str):
+        return count(content)
+    total = 0
+    if isinstance(content, list):
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            text = block.get("text")
+            if isinstance(text, str):
+                total += count(text)
+            elif block.get("type") == "tool_result":
+                total += _anthropic_blocks_tokens(block.get("content"), count)
+    return total
+
+
+def _anthropic_prompt_tokens(body: dict[str, Any], count: TokenCounter = count_words) -> int:
+    """The whole input: words of every text plus 4 per message, a system prompt being one more message."""
+    total = 0
+    system = body.get("system")
+    if isinstance(system, (str, list)) and system:
+        total += TOKENS_PER_MESSAGE + _anthropic_blocks_tokens(system, count)
+    for message in body["messages"]:
+        total += TOKENS_PER_MESSAGE
+        if isinstance(message, dict):
+            total += _anthropic_blocks_tokens(message.get("content"), count)
+    return total
+
+
+# --- request helpers -----------------------------------------------------------------------------------
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client left first. (The OpenAI routes inline this.)"""
+    chunks: list[bytes] = []
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
 def _apply_controls(plan: _Plan, headers: list[tuple[bytes, bytes]]) -> None:
     for name, raw in headers:
         key = name.decode("latin-1")
         value = raw.decode("latin-1").strip()
-        if key == "x-fake-omit-usage":
-            plan.omit_usage = value.lower() not in ("", "0", "false", "no")
+        if key in _FLAG_HEADERS:
+            setattr(plan, _FLAG_HEADERS[key], value.lower() not in ("", "0", "false", "no"))
             continue
         if key == "x-fake-model":
             plan.answer_model = value
@@ -938,6 +1441,14 @@ def _apply_controls(plan: _Plan, headers: list[tuple[bytes, bytes]]) -> None:
             plan.cached_tokens = number
         elif key == "x-fake-reasoning-tokens":
             plan.reasoning_tokens = number
+        elif key == "x-fake-cache-read-tokens":
+            plan.cache_read = number
+        elif key == "x-fake-cache-write-tokens":
+            plan.cache_write = number
+        elif key == "x-fake-cache-write-1h-tokens":
+            plan.cache_write_1h = number
+        elif key == "x-fake-stream-error":
+            plan.stream_error = number
         # Unknown x-fake-* headers are ignored, like any unknown header.
 
 
@@ -978,14 +1489,11 @@ async def _pause(stream: _Stream, seconds: float) -> None:
     raise _Abort
 
 
-async def _send_json_bytes(send: Send, status: int, data: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON_HEADERS, (b"content-length", str(len(data)).encode())],
-        }
-    )
+async def _send_json_bytes(send: Send, status: int, data: bytes, request_id: str | None = None) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(data)).encode())]
+    if request_id is not None:  # Anthropic's answers name their request (the SDK reads `request-id`)
+        headers.append((b"request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -1028,7 +1536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Serve the fake upstream with uvicorn (uvloop and httptools when installed)."""
     parser = argparse.ArgumentParser(
         prog="python -m orq_proxy.testing.fake_upstream",
-        description="OpenAI-compatible fake upstream (base URL: http://HOST:PORT/v1)",
+        description="fake upstream: OpenAI at http://HOST:PORT/v1, Anthropic and Azure OpenAI at http://HOST:PORT",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
@@ -1039,7 +1547,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--api-key", default=None, help="require this bearer key (OpenAI's 401 otherwise)")
     parser.add_argument("--record", action="store_true", help="keep every request in memory (off by default)")
+    parser.add_argument(
+        "--azure-model",
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT=MODEL",
+        help="the model an Azure deployment answers as (repeatable)",
+    )
     args = parser.parse_args(argv)
+    azure_models = dict(item.partition("=")[::2] for item in args.azure_model)
 
     import uvicorn
 
@@ -1063,6 +1579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         chunk_delay=args.chunk_delay_ms / 1000,
         api_key=args.api_key,
         record=args.record,
+        azure_models=azure_models,
     )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, http=http, log_level="warning", access_log=False, lifespan="on"
@@ -1074,7 +1591,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if self.started:  # the port it really bound (`--port 0` picks one)
                 port = self.servers[0].sockets[0].getsockname()[1]
                 print(
-                    f"fake upstream: http://{args.host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops it)",
+                    f"fake upstream: http://{args.host}:{port}/v1 (OpenAI; Anthropic and Azure at the root; "
+                    "Ctrl-C stops it)",
                     flush=True,
                 )
 
