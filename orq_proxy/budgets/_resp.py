@@ -8,39 +8,67 @@ connection, writes each command as soon as it is called, and matches replies in 
 connection's commands in the order it got them), parsing them with hiredis (Redis's own C parser).
 
 It carries only what the hot path sends (`EVALSHA`, `EVAL` after a `NOSCRIPT`), over TCP or a Unix socket
-without TLS; everything else (rebuilds, usage reads, the generation marker) stays on redis-py, and a
-`rediss://` URL or a missing hiredis keeps the hot path on redis-py too.
+without TLS; everything else (rebuilds, usage reads, the generation marker) stays on redis-py. The caller
+encodes each command's arguments (`bulks`; `RedisCounters` keeps each budget's encoded once) and `run` adds
+the script's head (`Script`, encoded once), so a call costs one `%` format, one future and one coroutine
+here. For a `rediss://` URL or a missing hiredis, `PooledScripts` sends the same encoded commands on
+redis-py's pool.
 
 Failure policy (the gate fails closed, so every error raises): connecting takes at most `connect_timeout`;
 a reply that does not come within `socket_timeout` (checked every 0.1 s by one watchdog per connection)
-closes the connection (later replies could no longer be matched) and fails every command waiting on it; a lost connection fails them too. The next call
-connects again. Errors are `TimeoutError` and `ConnectionError`, which the counters turn into 503s.
+closes the connection (later replies could no longer be matched) and fails every command waiting on it;
+a lost connection fails them too. The next call connects again. Errors are `TimeoutError` and `ConnectionError`, which the counters turn into 503s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import hashlib
+import inspect
 from typing import Any, Final, cast
 
-__all__ = ["PipelinedScripts", "pipelined_scripts"]
+__all__ = ["PipelinedScripts", "PooledScripts", "Script", "bulk", "bulks", "pipelined_scripts"]
 
 _CRLF: Final = b"\r\n"
 
 
-def _command(*parts: bytes | memoryview | str | int | float) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(parts)]
+def bulk(raw: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+
+
+def bulks(*parts: bytes | str | int | float) -> bytes:
+    """RESP bulk strings for `parts` (text as UTF-8, numbers as Python prints them)."""
+    out = []
     for part in parts:
-        if part.__class__ is str:
-            raw = part.encode()
-        elif part.__class__ is bytes:
+        if part.__class__ is bytes:
             raw = part
+        elif part.__class__ is str:
+            raw = part.encode()
         else:
-            raw = bytes(part) if isinstance(part, memoryview) else str(part).encode()
+            raw = str(part).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
     return b"".join(out)
+
+
+def _command(*parts: bytes | str | int | float) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    return b"*%d\r\n%b" % (len(parts), bulks(*parts))
+
+
+class Script:
+    """A Lua script with its `EVALSHA` and `EVAL` command heads encoded once.
+
+    A command is `*<count + 3>`, a head, then `count` bulk strings (`numkeys`, the keys, the arguments)
+    that the caller encodes (`bulks`, or bytes it keeps encoded between calls).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # (what SCRIPT LOAD answers)
+        self.evalsha_head = bulks("EVALSHA", self.sha)
+        self.eval_head = bulks("EVAL", source)
 
 
 class _ReplyError(Exception):
@@ -214,25 +242,28 @@ class PipelinedScripts:
             raise reply
         return reply
 
-    async def evalsha(
-        self, sha: str, script: str | bytes | memoryview, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """The script's reply (`EVALSHA`; `EVAL` with its source when Redis lost its script cache).
+    async def run(self, script: Script, count: int, body: bytes) -> Any:
+        """The script's reply: `EVALSHA` with `body` (`count` bulk strings: numkeys, keys, arguments), then
+        `EVAL` with its source when Redis lost its script cache.
+
+        The hot path: one coroutine and one future per call (no per-call connection lookup or encoder).
 
         Raises:
             TimeoutError, ConnectionError: Redis cannot answer.
             redis.exceptions.ResponseError: the script failed inside Redis.
         """
-        protocol = await self._connection()
-        try:
-            return await self._send(protocol, _command("EVALSHA", sha, len(keys), *keys, *args))
-        except _ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise _response_error(exc) from exc
-        try:  # a restarted Redis forgot the script: EVAL sends it and caches it again
-            return await self._send(protocol, _command("EVAL", script, len(keys), *keys, *args))
-        except _ReplyError as exc:
-            raise _response_error(exc) from exc
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connection()
+        reply = await protocol.send(b"*%d\r\n%b%b" % (count + 2, script.evalsha_head, body))
+        if reply.__class__ is _ReplyError:
+            if not str(reply).startswith("NOSCRIPT"):
+                raise _response_error(reply)
+            # A restarted Redis forgot the script: EVAL sends it and caches it again.
+            reply = await protocol.send(b"*%d\r\n%b%b" % (count + 2, script.eval_head, body))
+            if reply.__class__ is _ReplyError:
+                raise _response_error(reply)
+        return reply
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
@@ -244,6 +275,63 @@ def _response_error(exc: _ReplyError) -> Exception:
     from redis.exceptions import ResponseError
 
     return ResponseError(str(exc))
+
+
+class PooledScripts:
+    """`run` as `PipelinedScripts` has it, on redis-py's pool (a connection per call): for what the pipelined
+    client does not serve (TLS, or hiredis missing). The same encoded commands go out, so the counters have
+    one argument layout whichever client carries it.
+
+    Args:
+        pool: a `redis.asyncio.ConnectionPool` (its timeouts apply).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import NoScriptError, ResponseError
+
+        self.pool = pool
+        self._no_script, self._response_error = NoScriptError, ResponseError
+        self._connection_error = RedisConnectionError
+        # redis-py 5 wants a command name here; 8 warns when it gets one
+        wants = inspect.signature(pool.get_connection).parameters.get("command_name")
+        self._get_args = (
+            ("EVALSHA",) if wants is not None and wants.default is inspect.Parameter.empty else ()
+        )
+
+    async def run(self, script: Script, count: int, body: bytes) -> Any:
+        """See `PipelinedScripts.run`. A closed connection (a pooled one that a Redis restart cut) is tried
+        once more on a new one, as `redis_counters_from_url`'s client retries; a timeout is not retried."""
+        connection = await self.pool.get_connection(*self._get_args)
+        try:
+            try:
+                return await self._run(connection, script, count, body)
+            except self._connection_error:
+                await connection.disconnect()
+                return await self._run(connection, script, count, body)  # (it connects again)
+        except BaseException as exc:
+            if not isinstance(exc, self._response_error):  # the stream may be out of step: start over
+                await connection.disconnect()
+            raise
+        finally:
+            await self.pool.release(connection)
+
+    async def _run(self, connection: Any, script: Script, count: int, body: bytes) -> Any:
+        try:
+            return await self._call(connection, b"*%d\r\n%b%b" % (count + 2, script.evalsha_head, body))
+        except self._no_script:  # a restarted Redis forgot the script: EVAL sends it and caches it again
+            return await self._call(connection, b"*%d\r\n%b%b" % (count + 2, script.eval_head, body))
+
+    @staticmethod
+    async def _call(connection: Any, command: bytes) -> Any:
+        await connection.send_packed_command(command)
+        reply = await connection.read_response()
+        if isinstance(reply, Exception):  # (a script's error reply inside a reply array)
+            raise reply
+        return reply
+
+    async def aclose(self) -> None:
+        return None  # the pool is the client's; closing the client closes it
 
 
 def pipelined_scripts(connection_kwargs: dict[str, Any], *, tls: bool) -> PipelinedScripts | None:

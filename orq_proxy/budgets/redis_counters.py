@@ -22,6 +22,11 @@ Keys, per budget (the workspace is a hash tag, so a workspace's keys share a clu
   one script, only while the marker is still missing, so replicas rebuilding at once do not double-count.
   (This one key is outside the workspace hash tags: the client is not a cluster client.)
 
+The hot-path scripts (reserve, settle) are given each budget's `:h` key and derive its `rq`/`rs`/`f` keys and
+the reservation key from it and a prefix (the same hash tag, hence the same cluster slot); their other
+arguments are encoded once per budget record and window (`_Wire`) and reused. A budget's record is
+immutable (an update is a new object), so a changed budget is encoded again on its next request.
+
 Lua numbers are doubles: amounts and counts compare exactly up to 2^53 (about 9 million USD in nano-USD);
 sums are kept with HINCRBY (64-bit integers).
 
@@ -38,12 +43,13 @@ import asyncio
 import functools
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ulid import ULID
 
-from orq_proxy.budgets._resp import PipelinedScripts, pipelined_scripts
+from orq_proxy.budgets._resp import PipelinedScripts, PooledScripts, Script, bulk, bulks, pipelined_scripts
 from orq_proxy.budgets.counters import (
     RATE_WINDOW_SECONDS,
     AlertCrossing,
@@ -61,7 +67,6 @@ from orq_proxy.usage.events import BudgetConsumption
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.commands.core import AsyncScript
 
 __all__ = ["REBUILD_WAIT_SECONDS", "RedisCounters", "redis_counters_from_url"]
 
@@ -91,20 +96,73 @@ local function sweep(h, rs, now)
 end
 """
 
-# KEYS: per budget h, rq, rs, f; then the reservation key, the generation marker.
-# ARGV: now, cost, tokens, id, ttl, n, reservation key expiry, then per budget: sig, start, expire_in, amount,
-# token_limit, rpm (-1 = none). Replies {1} admitted, {2} the marker is missing, {0, ...} refused.
+# The hot-path scripts do what `_COMMON`'s functions do with fewer calls into Redis (each costs the server
+# more than the command itself): one HMGET reads the window and the amounts, a give-back compares with the
+# start that HMGET read, and a hash's expiry is set when it starts a window rather than on every call. They
+# get each budget's hash key and derive its other keys (same prefix, so the same hash tag and cluster slot),
+# each window's end rather than a TTL relative to now, and the request's own values in one argument: every
+# other argument is then the same from call to call, and is sent as bytes encoded once (`_Wire`). (Writing
+# the amounts with one HSET of sums computed in Lua instead of two to four HINCRBYs was measured too: it
+# cost Redis more CPU than the calls it saves; see benchmarks/RESULTS.md, orq-pg.)
+_HOT_COMMON = """
+local function others(h)
+  local base = string.sub(h, 1, -2)
+  return base .. 'rq', base .. 'rs', base .. 'f'
+end
+-- The hash's fields {sig, start, sn, rn, st, rt} after rolling it over to the window (sig, start) when its
+-- stored one is older or of another period: all false when the hash does not exist and `create` is false.
+-- The expiry is set when the hash starts a window: a day after the window ends, by the proxy's clock. (Every
+-- writer of a window sets the same deadline, so it is not set again on each call as `roll` does.)
+local function state(h, f, sig, start, window_end, now, create)
+  local cur = redis.call('HMGET', h, 'sig', 'start', 'sn', 'rn', 'st', 'rt')
+  if not cur[1] and not create then return cur end
+  if cur[1] ~= sig or not cur[2] or tonumber(cur[2]) < tonumber(start) then
+    redis.call('DEL', h, f)
+    redis.call('HSET', h, 'sig', sig, 'start', start, 'sn', 0, 'st', 0, 'rn', 0, 'rt', 0)
+    if window_end ~= '' then
+      redis.call('EXPIRE', h, math.max(1, math.floor(tonumber(window_end) - now) + 86400))
+    end
+    cur = {sig, start, '0', '0', '0', '0'}
+  end
+  return cur
+end
+-- The amounts (cost, tokens) a reservation member gives back to a hash whose window starts at `hstart`:
+-- nil when it was made in another window.
+local function held(member, hstart)
+  local _, _, c, t, s = string.find(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+  if s == hstart then return c, t end
+  return nil
+end
+"""
+
+# KEYS: the generation marker, then per budget its hash h.
+# ARGV: 'now|id|cost|tokens', ttl, reservation key expiry, reservation key prefix, then per budget: sig,
+# start, window end ('' = none), amount, token_limit, rpm (-1 = none).
+# Replies {1} admitted, {2} the marker is missing, {0, ...} refused.
 _RESERVE = (
-    _COMMON
+    _HOT_COMMON
     + """
-local now, cost, tokens, rid, ttl, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-if redis.call('EXISTS', KEYS[4*n+2]) == 0 then return {2} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {2} end
+local now, rid, cost, tokens = string.match(ARGV[1], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+local ttl = tonumber(ARGV[2])
+local n = #KEYS - 1
 local nnow = tonumber(now)
 for i = 1, n do
-  local h, rq, rs, f = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1], KEYS[4*i]
-  local b = 7 + (i-1) * 6
-  roll(h, f, ARGV[b+1], ARGV[b+2], ARGV[b+3])
-  sweep(h, rs, nnow)
+  local h = KEYS[i+1]
+  local rq, rs, f = others(h)
+  local b = 4 + (i-1) * 6
+  local v = state(h, f, ARGV[b+1], ARGV[b+2], ARGV[b+3], nnow, true)
+  local expired = redis.call('ZRANGEBYSCORE', rs, '-inf', nnow)
+  if #expired > 0 then  -- give the expired reservations' amounts back (rare: their replica died)
+    for _, m in ipairs(expired) do
+      local c, t = held(m, v[2])
+      if c then
+        if c ~= '0' then v[4] = redis.call('HINCRBY', h, 'rn', '-' .. c) end  -- (Redis refuses '-0')
+        if t ~= '0' then v[6] = redis.call('HINCRBY', h, 'rt', '-' .. t) end
+      end
+    end
+    redis.call('ZREMRANGEBYSCORE', rs, '-inf', nnow)
+  end
   redis.call('ZREMRANGEBYSCORE', rq, '-inf', nnow - 60)
   local rpm = tonumber(ARGV[b+6])
   if rpm >= 0 then
@@ -114,25 +172,25 @@ for i = 1, n do
       return {0, i, 'requests', ARGV[b+6], tostring(count), '1', oldest[2] or now}
     end
   end
-  local v = redis.call('HMGET', h, 'sn', 'rn', 'st', 'rt')
   local amount = tonumber(ARGV[b+4])
   if amount >= 0 then
-    local used = tonumber(v[1]) + tonumber(v[2])
+    local used = tonumber(v[3]) + tonumber(v[4])
     if used >= amount or used + tonumber(cost) > amount then
       return {0, i, 'cost', ARGV[b+4], string.format('%.0f', used), cost, ''}
     end
   end
   local tlimit = tonumber(ARGV[b+5])
   if tlimit >= 0 then
-    local used = tonumber(v[3]) + tonumber(v[4])
+    local used = tonumber(v[5]) + tonumber(v[6])
     if used >= tlimit or used + tonumber(tokens) > tlimit then
       return {0, i, 'tokens', ARGV[b+5], string.format('%.0f', used), tokens, ''}
     end
   end
 end
 for i = 1, n do
-  local h, rq, rs = KEYS[4*i-3], KEYS[4*i-2], KEYS[4*i-1]
-  local b = 7 + (i-1) * 6
+  local h = KEYS[i+1]
+  local rq, rs = others(h)
+  local b = 4 + (i-1) * 6
   redis.call('HINCRBY', h, 'rn', cost)
   redis.call('HINCRBY', h, 'rt', tokens)
   redis.call('ZADD', rq, now, rid)
@@ -140,42 +198,51 @@ for i = 1, n do
   redis.call('ZADD', rs, nnow + ttl, rid .. '|' .. cost .. '|' .. tokens .. '|' .. ARGV[b+2])
   redis.call('EXPIRE', rs, ttl + 60)
 end
-redis.call('SET', KEYS[4*n+1], '1', 'EX', ARGV[7])
+redis.call('SET', ARGV[4] .. rid, '1', 'EX', ARGV[3])
 return {1}
 """
 )
 
-# KEYS: the reservation key, then per budget h, rs, f.
-# ARGV: now, actual cost, actual tokens, id, cost, tokens, n, then per budget: sig, start now, expire_in,
-# reserved start, amount (-1 = none), alert count k, then k pairs (alert id, threshold percent).
+# KEYS: per budget its hash h.
+# ARGV: 'now|id|cost|tokens|actual cost|actual tokens', reservation key prefix, per budget the start it was
+# reserved in ('' = the current window's), then per budget: sig, start now, window end ('' = none), amount
+# (-1 = none), alert count k, then k pairs (alert id, threshold percent).
 _SETTLE = (
-    _COMMON
+    _HOT_COMMON
     + """
-if redis.call('DEL', KEYS[1]) == 0 then return {} end
-local nnow, acost, atokens, rid, cost, tokens, n =
-  tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local now, rid, cost, tokens, acost, atokens =
+  string.match(ARGV[1], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+if redis.call('DEL', ARGV[2] .. rid) == 0 then return {} end
+local nnow = tonumber(now)
+local n = #KEYS
 local out = {}
-local a = 8
+local a = 3 + n
 for i = 1, n do
-  local h, rs, f = KEYS[3*i-1], KEYS[3*i], KEYS[3*i+1]
-  local sig, start, expire_in, rstart, amount, k =
-    ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], tonumber(ARGV[a+4]), tonumber(ARGV[a+5])
-  if redis.call('EXISTS', h) == 1 then
-    roll(h, f, sig, start, expire_in)
+  local h = KEYS[i]
+  local _, rs, f = others(h)
+  local sig, start, window_end, rstart, amount, k =
+    ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[2+i], tonumber(ARGV[a+3]), tonumber(ARGV[a+4])
+  if rstart == '' then rstart = start end
+  local v = state(h, f, sig, start, window_end, nnow, false)
+  if v[1] then
     local member = rid .. '|' .. cost .. '|' .. tokens .. '|' .. rstart
-    if redis.call('ZREM', rs, member) == 1 then give_back(h, member) end
+    if redis.call('ZREM', rs, member) == 1 then
+      local c, t = held(member, v[2])
+      if c and c ~= '0' then redis.call('HINCRBY', h, 'rn', '-' .. c) end  -- (Redis refuses '-0')
+      if t and t ~= '0' then redis.call('HINCRBY', h, 'rt', '-' .. t) end
+    end
     local spent = redis.call('HINCRBY', h, 'sn', acost)
     redis.call('HINCRBY', h, 'st', atokens)
     if amount > 0 then
       for j = 1, k do
-        local id, threshold = ARGV[a+4+2*j], tonumber(ARGV[a+5+2*j])
+        local id, threshold = ARGV[a+3+2*j], tonumber(ARGV[a+4+2*j])
         if spent * 100 >= threshold * amount and redis.call('SADD', f, id) == 1 then
           table.insert(out, i); table.insert(out, id); table.insert(out, tostring(spent))
         end
       end
     end
   end
-  a = a + 6 + 2 * k
+  a = a + 5 + 2 * k
 end
 return out
 """
@@ -233,6 +300,32 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
+
+
+_RESERVE_SCRIPT = Script(_RESERVE)
+_SETTLE_SCRIPT = Script(_SETTLE)
+_RELEASE_SCRIPT = Script(_RELEASE)
+_SAME_START = bulk(b"")  # settle: reserved in the window the budget is in now
+_MAX_WIRES = 65_536  # budgets (and workspaces) whose encoded arguments are kept
+
+
+@dataclass(slots=True)
+class _Wire:
+    """One budget record's part of the hot-path commands in one window, encoded once (`RedisCounters._wire`).
+
+    `key` is its hash key; `reserve` and `settle` its arguments to `_RESERVE` / `_SETTLE` (`settle_count`
+    bulk strings), all constant while the record and the window stay the same."""
+
+    budget: Budget
+    start_ts: float
+    end_ts: float
+    start: datetime
+    end: datetime | None
+    period_start: float  # (what `ReservedBudget.period_start` records: the start, in whole seconds)
+    key: bytes
+    reserve: bytes
+    settle: bytes
+    settle_count: int
 
 
 def _num(value: Any) -> int:
@@ -302,30 +395,55 @@ class RedisCounters:
         reservation_ttl: int = 3600,
         hot_path: PipelinedScripts | None = None,
     ) -> None:
-        if reservation_ttl < 1:
-            raise ValueError("reservation_ttl must be >= 1 second")
         self.client = client
+        self._wires: dict[str, _Wire] = {}  # budget id -> its encoded arguments in its current window
+        self._res_prefixes: dict[str, bytes] = {}  # workspace -> its reservation key prefix, encoded
+        self._reserve_tails: dict[str, bytes] = {}  # workspace -> reserve's arguments 2-4, encoded
+        self._reserve_heads: dict[int, bytes] = {}  # budgets -> reserve's numkeys and marker, encoded
         self.prefix = prefix
         self.reservation_ttl = reservation_ttl
-        self.generation_key = prefix + "generation"
         self.rebuild: Callable[[], Awaitable[object]] | None = None
         self._rebuilding: asyncio.Task[None] | None = None
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
-        self._release = client.register_script(_RELEASE)
         self._reset = client.register_script(_RESET)
         self._restore = client.register_script(_RESTORE)
-        # reserve / settle / release (two per request) on one pipelined connection when given (_resp.py)
+        # reserve / settle / release (two per request) on one pipelined connection when given (_resp.py),
+        # else the same commands on redis-py's pool
         self._hot_path = hot_path
+        self._scripts: PipelinedScripts | PooledScripts = (
+            hot_path if hot_path is not None else PooledScripts(client.connection_pool)
+        )
         # (period, zone) -> (start ts, end ts, sig, start text, start, end) of the last window computed
         self._windows: dict[
             tuple[Period, str | None], tuple[float, float, str, str, datetime, datetime | None]
         ] = {}
 
-    async def _hot(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        if self._hot_path is not None:
-            return await self._hot_path.evalsha(script.sha, script.script, keys, args)
-        return await script(keys=keys, args=args)
+    @property
+    def prefix(self) -> str:
+        """The key prefix."""
+        return self._prefix
+
+    @prefix.setter
+    def prefix(self, value: str) -> None:
+        self._prefix = value
+        self.generation_key = value + "generation"
+        self._generation_bulk = bulk(self.generation_key.encode())
+        self._wires.clear()  # (encoded keys carry the prefix)
+        self._res_prefixes.clear()
+        self._reserve_tails.clear()
+        self._reserve_heads.clear()
+
+    @property
+    def reservation_ttl(self) -> int:
+        """Seconds after which an unsettled reservation's estimate is given back."""
+        return self._reservation_ttl
+
+    @reservation_ttl.setter
+    def reservation_ttl(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("reservation_ttl must be >= 1 second")
+        self._reservation_ttl = value
+        self._ttls_bulks = bulks(value, value + _LATE_SETTLE_SECONDS)
+        self._reserve_tails.clear()
 
     # -- keys and windows --------------------------------------------------------------------------------
     def _base(self, budget: Budget) -> str:
@@ -355,6 +473,78 @@ class RedisCounters:
         # Relative to the proxy's clock (not Redis's): a day after the window ends.
         expire_in = str(max(1, int(end_ts - now_ts) + 86_400)) if end is not None else ""
         return sig, start_text, expire_in, start, end
+
+    def _wire(self, budget: Budget, now: datetime, now_ts: float) -> _Wire:
+        """The budget's part of the hot-path commands in the window of `now`, encoded once per budget
+        record and window: a changed budget is a new (immutable) record, so it is encoded again."""
+        wire = self._wires.get(budget.budget_id)
+        if (
+            wire is not None
+            and wire.start_ts <= now_ts < wire.end_ts
+            and (wire.budget is budget or wire.budget == budget)
+        ):
+            return wire
+        sig, start_text, _expire_in, start, end = self._window(budget, now)
+        end_text = "" if end is None else repr(end.timestamp())
+        amount = -1 if budget.amount_nanos is None else budget.amount_nanos
+        alerts = [a for a in budget.alerts if a.dimension == ALERT_DIMENSION_COST]
+        wire = _Wire(
+            budget=budget,
+            start_ts=start.timestamp(),
+            end_ts=math.inf if end is None else end.timestamp(),
+            start=start,
+            end=end,
+            period_start=float(start_text),
+            key=bulk((self._base(budget) + ":h").encode()),
+            reserve=bulks(
+                sig,
+                start_text,
+                end_text,
+                amount,
+                -1 if budget.token_limit is None else budget.token_limit,
+                -1 if budget.requests_per_minute is None else budget.requests_per_minute,
+            ),
+            settle=bulks(
+                sig,
+                start_text,
+                end_text,
+                amount,
+                len(alerts),
+                *(part for a in alerts for part in (a.id, a.threshold_percent)),
+            ),
+            settle_count=5 + 2 * len(alerts),
+        )
+        if len(self._wires) >= _MAX_WIRES:  # (bounded: deleted budgets' entries go too)
+            self._wires.clear()
+        self._wires[budget.budget_id] = wire
+        return wire
+
+    def _res_prefix(self, workspace: str) -> bytes:
+        """The reservation keys' prefix for `workspace`, as a bulk string."""
+        encoded = self._res_prefixes.get(workspace)
+        if encoded is None:
+            if len(self._res_prefixes) >= _MAX_WIRES:
+                self._res_prefixes.clear()
+            encoded = self._res_prefixes[workspace] = bulk(self._reservation_key(workspace, "").encode())
+        return encoded
+
+    def _reserve_head(self, n: int) -> bytes:
+        """Reserve's numkeys and generation marker for `n` budgets, encoded."""
+        head = self._reserve_heads.get(n)
+        if head is None:
+            head = bulk(b"%d" % (n + 1)) + self._generation_bulk
+            if n <= 64:  # (keep the common sizes only)
+                self._reserve_heads[n] = head
+        return head
+
+    def _reserve_tail(self, workspace: str) -> bytes:
+        """Reserve's arguments after the request's own (the TTLs, the reservation key prefix), encoded."""
+        tail = self._reserve_tails.get(workspace)
+        if tail is None:
+            if len(self._reserve_tails) >= _MAX_WIRES:
+                self._reserve_tails.clear()
+            tail = self._reserve_tails[workspace] = self._ttls_bulks + self._res_prefix(workspace)
+        return tail
 
     # -- a lost dataset -----------------------------------------------------------------------------------
     @_unavailable_on_error
@@ -414,44 +604,46 @@ class RedisCounters:
     async def reserve(
         self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
     ) -> Reservation | Rejection:
-        result = await self._try_reserve(workspace, budgets, cost_nanos, tokens, now)
-        if result is None:  # Redis lost its dataset: rebuild the counters, then try once more
-            await self._rebuilt()
-            result = await self._try_reserve(workspace, budgets, cost_nanos, tokens, now)
-            if result is None:
-                raise ServiceUnavailable(
-                    "budget counters (Redis)", RuntimeError("the counters are being rebuilt")
-                )
-        return result
-
-    @_unavailable_on_error
-    async def _try_reserve(
-        self, workspace: str, budgets: Sequence[Budget], cost_nanos: int, tokens: int, now: datetime
-    ) -> Reservation | Rejection | None:
+        now_ts = now.timestamp()
+        wires = [self._wire(budget, now, now_ts) for budget in budgets]
         reservation_id = new_request_id()  # a ULID without python-ulid's urandom syscall (orq_proxy/ids.py)
-        keys: list[str] = []
-        args: list[Any] = [repr(now.timestamp()), cost_nanos, tokens, reservation_id, self.reservation_ttl]
-        args += [len(budgets), self.reservation_ttl + _LATE_SETTLE_SECONDS]
-        windows = []
-        for budget in budgets:
-            base = self._base(budget)
-            keys += [base + ":h", base + ":rq", base + ":rs", base + ":f"]
-            sig, start, expire_in, _start, end_dt = self._window(budget, now)
-            windows.append((start, end_dt))
-            args += [
-                sig,
-                start,
-                expire_in,
-                -1 if budget.amount_nanos is None else budget.amount_nanos,
-                -1 if budget.token_limit is None else budget.token_limit,
-                -1 if budget.requests_per_minute is None else budget.requests_per_minute,
-            ]
-        keys += [self._reservation_key(workspace, reservation_id), self.generation_key]
-        reply = cast(list[Any], await self._hot(self._reserve, keys, args))
-        if _num(reply[0]) == 2:
-            return None
-        if _num(reply[0]) == 1:
-            parts = tuple(ReservedBudget(b, float(w[0])) for b, w in zip(budgets, windows, strict=True))
+        n = len(wires)
+        request = f"{now_ts!r}|{reservation_id}|{cost_nanos}|{tokens}".encode()
+        # numkeys, the marker and n hash keys, 4 arguments, 6 per budget (see _RESERVE)
+        if n == 1:  # (most requests: one format instead of a list and a join)
+            w = wires[0]
+            body = b"%b%b$%d\r\n%b\r\n%b%b" % (
+                self._reserve_head(1),
+                w.key,
+                len(request),
+                request,
+                self._reserve_tail(workspace),
+                w.reserve,
+            )
+        else:
+            body = b"".join(
+                [
+                    self._reserve_head(n),
+                    *[w.key for w in wires],
+                    b"$%d\r\n%b\r\n" % (len(request), request),
+                    self._reserve_tail(workspace),
+                    *[w.reserve for w in wires],
+                ]
+            )
+        count = 6 + 7 * n
+        try:
+            reply = await self._scripts.run(_RESERVE_SCRIPT, count, body)
+            if reply[0] == 2:  # Redis lost its dataset: rebuild the counters, then try once more
+                await self._rebuilt()
+                reply = await self._scripts.run(_RESERVE_SCRIPT, count, body)
+                if reply[0] == 2:
+                    raise ServiceUnavailable(
+                        "budget counters (Redis)", RuntimeError("the counters are being rebuilt")
+                    )
+        except _UNAVAILABLE_ERRORS as exc:
+            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+        if reply[0] == 1:
+            parts = tuple([ReservedBudget(b, w.period_start) for b, w in zip(budgets, wires, strict=True)])
             return Reservation(reservation_id, workspace, parts, cost_nanos, tokens)
         index = _num(reply[1]) - 1
         budget = budgets[index]
@@ -459,57 +651,72 @@ class RedisCounters:
         limit, used, requested = _num(reply[3]), _num(reply[4]), _num(reply[5])
         if dimension == "requests":
             oldest = float(reply[6])
-            resets: datetime | None = now + timedelta(seconds=oldest + RATE_WINDOW_SECONDS - now.timestamp())
+            resets: datetime | None = now + timedelta(seconds=oldest + RATE_WINDOW_SECONDS - now_ts)
         else:
-            resets = frees_at(budget, windows[index][1])
+            resets = frees_at(budget, wires[index].end)
         return Rejection(budget, dimension, limit, used, requested, resets)
 
-    @_unavailable_on_error
     async def settle(
         self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
     ) -> list[AlertCrossing]:
         if reservation.done:
             return []
         reservation.done = True
-        keys = [self._reservation_key(reservation.workspace, reservation.reservation_id)]
-        args: list[Any] = [
-            repr(now.timestamp()),
-            actual_cost_nanos,
-            actual_tokens,
-            reservation.reservation_id,
-            reservation.cost_nanos,
-            reservation.tokens,
-            len(reservation.parts),
-        ]
-        windows = []
-        for part in reservation.parts:
-            budget = part.budget
-            base = self._base(budget)
-            keys += [base + ":h", base + ":rs", base + ":f"]
-            sig, start, expire_in, start_dt, end_dt = self._window(budget, now)
-            windows.append((start_dt, end_dt))
-            alerts = [a for a in budget.alerts if a.dimension == ALERT_DIMENSION_COST]
-            args += [
-                sig,
-                start,
-                expire_in,
-                str(int(part.period_start)),
-                -1 if budget.amount_nanos is None else budget.amount_nanos,
-                len(alerts),
-            ]
-            for alert in alerts:
-                args += [alert.id, alert.threshold_percent]
-        reply = cast(list[Any], await self._hot(self._settle, keys, args))
+        now_ts = now.timestamp()
+        parts = reservation.parts
+        wires = [self._wire(part.budget, now, now_ts) for part in parts]
+        n = len(wires)
+        request = (
+            f"{now_ts!r}|{reservation.reservation_id}|{reservation.cost_nanos}|{reservation.tokens}"
+            f"|{actual_cost_nanos}|{actual_tokens}"
+        ).encode()
+        # numkeys, n hash keys, 2 arguments, n reserved starts, then each budget's own (see _SETTLE)
+        if n == 1:  # (most requests: one format instead of a list and a join)
+            w, p = wires[0], parts[0]
+            count = 5 + w.settle_count
+            body = b"$1\r\n1\r\n%b$%d\r\n%b\r\n%b%b%b" % (
+                w.key,
+                len(request),
+                request,
+                self._res_prefix(reservation.workspace),
+                _SAME_START if p.period_start == w.period_start else bulks(str(int(p.period_start))),
+                w.settle,
+            )
+        else:
+            count = 3 + 2 * n
+            for wire in wires:
+                count += wire.settle_count
+            body = b"".join(
+                [
+                    bulk(b"%d" % n),
+                    *[w.key for w in wires],
+                    b"$%d\r\n%b\r\n" % (len(request), request),
+                    self._res_prefix(reservation.workspace),
+                    *[
+                        _SAME_START if p.period_start == w.period_start else bulks(str(int(p.period_start)))
+                        for p, w in zip(parts, wires, strict=True)
+                    ],
+                    *[w.settle for w in wires],
+                ]
+            )
+        try:
+            reply = await self._scripts.run(_SETTLE_SCRIPT, count, body)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+        if not reply:
+            return []
         crossings = []
         for i in range(0, len(reply), 3):
             index = _num(reply[i]) - 1
             alert_id = reply[i + 1].decode() if isinstance(reply[i + 1], bytes) else reply[i + 1]
-            budget = reservation.parts[index].budget
+            budget = parts[index].budget
             alert = next(a for a in budget.alerts if a.id == alert_id)
-            start_dt, end_dt = windows[index]
+            wire = wires[index]
             assert budget.amount_nanos is not None
             crossings.append(
-                AlertCrossing(budget, alert, _num(reply[i + 2]), budget.amount_nanos, start_dt, end_dt, now)
+                AlertCrossing(
+                    budget, alert, _num(reply[i + 2]), budget.amount_nanos, wire.start, wire.end, now
+                )
             )
         return crossings
 
@@ -529,7 +736,7 @@ class RedisCounters:
             base = self._base(part.budget)
             keys += [base + ":h", base + ":rs"]
             args.append(str(int(part.period_start)))
-        await self._hot(self._release, keys, args)
+        await self._scripts.run(_RELEASE_SCRIPT, 1 + len(keys) + len(args), bulks(len(keys), *keys, *args))
 
     async def usage(self, budget: Budget, now: datetime) -> Usage:
         return (await self.usage_many([budget], now))[0]
@@ -576,6 +783,7 @@ class RedisCounters:
 
     @_unavailable_on_error
     async def forget(self, budget_id: str) -> None:
+        self._wires.pop(budget_id, None)
         # The workspace is not known here: find the budget's keys by pattern (rare: deletes only).
         pattern = f"{self.prefix}{{*}}:{budget_id}:*"
         keys = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
