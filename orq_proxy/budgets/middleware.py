@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
@@ -63,6 +64,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NO_OUTPUT_PRODUCTS = frozenset({"embeddings", "moderations", "messages.count_tokens"})
+# What `body["background"]` is for a Responses request the gate cannot meter.
+_BACKGROUND_KEY = "background"
 _CUSTOM_SCOPE = "BUDGET_SCOPE_KIND_CUSTOM"
 # APIs whose answers carry token usage, which metering prices by the model that answered when the requested
 # name has no price: a request to one of them without a priced model cannot be priced by the gate.
@@ -72,6 +75,28 @@ _TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "em
 # `max_tokens` the client sent is lowered too, since many upstreams still read it. Legacy completions:
 # `max_tokens`. Responses: `max_output_tokens` (it includes reasoning tokens, as the billed output does).
 # Anthropic's Messages: `max_tokens` (required there, so the reservation is the client's own cap).
+# Work a provider bills that the proxy cannot meter (POST to these paths): nothing it sees says what the
+# provider charges. Under a cost or token budget each one is "unpriced" (refused, or with
+# `unpriced = "allow"` let through at zero). Value: why, for the refusal. (Image generation is not here: its
+# JSON names a model, and gpt-image-1's answer carries token usage; without a priced model it is unpriced.)
+_UNMETERED_PATHS: dict[str, str] = {
+    "/batches": "a batch runs, and is billed, after its answer",
+    "/messages/batches": "a batch runs, and is billed, after its answer",
+    "/fine_tuning/jobs": "a fine-tuning job trains, and is billed, after its answer",
+    "/realtime/sessions": "the client then talks to the provider directly",
+    "/realtime/client_secrets": "the client then talks to the provider directly",
+    "/realtime/transcription_sessions": "the client then talks to the provider directly",
+    "/audio/speech": "its answer is audio, with no usage to price",
+    "/audio/transcriptions": "its model is a form field the proxy does not read",
+    "/audio/translations": "its model is a form field the proxy does not read",
+    "/images/edits": "its model is a form field the proxy does not read",
+    "/images/variations": "its model is a form field the proxy does not read",
+    "/videos": "a video is rendered, and billed, after its answer",
+}
+_VIDEO_REMIX = re.compile(r"^/videos/[^/]+/remix$")
+_UNMETERED_BACKGROUND = "a background response finishes, and is billed, after its answer"
+# APIs a request without a model is unpriced on besides the token APIs: the provider bills a default model.
+_DEFAULT_MODEL_PRODUCTS = frozenset({"images"})
 _CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "chat.completions": ("max_completion_tokens", "max_tokens"),
     "completions": ("max_tokens",),
@@ -273,15 +298,22 @@ class BudgetMiddleware:
                 logger.exception("request %s: on_refused hook failed", ctx.request_id)
 
     def _unpriced_cost_budget(self, ctx: RequestContext, budgets: Sequence[Budget]) -> Budget | None:
-        """The cost budget that cannot price this request (None: priced, or no cost budget applies).
+        """The budget that cannot price this request (None: priced, or no such budget applies).
 
-        Unpriced: a model the pricer does not know, or no model at all on an API metering prices (an
-        upstream may answer it with its default model, which metering then prices). Priced at zero, it
-        would pass any cost budget with room left, and metering may charge the answer's model afterwards.
+        Unpriced: work the proxy cannot meter (`unmetered_reason`; any cost or token budget), a model the
+        pricer does not know, or no model at all on an API metering prices (an upstream may answer it with
+        its default model, which metering then prices). Priced at zero, it would pass any cost budget with
+        room left, and metering may charge the answer's model afterwards.
         """
+        if unmetered_reason(ctx) is not None:
+            return next((b for b in budgets if b.amount_nanos is not None or b.token_limit is not None), None)
         model = ctx.model
-        if model is None and ctx.product not in _TOKEN_PRODUCTS:
-            return None  # nothing named and nothing metering prices (model lists, uploads)
+        if (
+            model is None
+            and ctx.product not in _TOKEN_PRODUCTS
+            and ctx.product not in _DEFAULT_MODEL_PRODUCTS
+        ):
+            return None  # nothing named and nothing metering prices (model lists, file uploads)
         if model is not None and self.pricer.is_known(ctx.provider, model):
             return None
         return next((b for b in budgets if b.amount_nanos is not None), None)
@@ -300,7 +332,11 @@ class BudgetMiddleware:
         if calibration is not None:
             input_tokens = calibration.reserve(_calibration_key(ctx), estimated)
         cap = output_tokens = 0
-        if ctx.product not in _NO_OUTPUT_PRODUCTS:
+        # Output is reserved for what generates: not for a model list, a retrieval or an upload naming no
+        # model (a token budget would hold the default cap for each of them while it is in flight).
+        if ctx.product not in _NO_OUTPUT_PRODUCTS and (
+            ctx.model is not None or ctx.product in _TOKEN_PRODUCTS
+        ):
             body = ctx.body
             cap = max_output_tokens(body, _DEFAULT_CAP.get(ctx.product, self.default_max_output_tokens))
             if ctx.product == "responses" and cap < _MIN_RESPONSES_CAP:
@@ -409,11 +445,49 @@ def _apply_output_cap(ctx: RequestContext, cap: int) -> None:
         ctx.metadata[OUTPUT_CAPPED_KEY] = str(cap)
 
 
+def unmetered_reason(ctx: RequestContext) -> str | None:
+    """Why the provider bills this request for work the proxy cannot meter (None: it can meter it): a batch,
+    a fine-tuning job, a realtime session, speech, an upload-bodied API, a video, a background response."""
+    if ctx.method != "POST":
+        return None
+    path = ctx.path.rstrip("/")
+    reason = _UNMETERED_PATHS.get(path)
+    if reason is not None:
+        return reason
+    if ctx.product == "responses" and ctx.body is not None and ctx.body.get(_BACKGROUND_KEY) is True:
+        return _UNMETERED_BACKGROUND
+    if path[:8] == "/videos/" and _VIDEO_REMIX.match(path):
+        return _UNMETERED_PATHS["/videos"]
+    return None
+
+
 def unpriced_response(ctx: RequestContext, budget: Budget) -> JSONResponse:
     """The 400 for a request a cost budget applies to and the proxy cannot price (`unpriced="refuse"`):
-    OpenAI's error shape, `code: "unpriced_model"`, naming the model and the config table that prices it."""
+    OpenAI's error shape, `code: "unpriced_model"`, naming the model and the config table that prices it;
+    `code: "unmetered_api"` for work the proxy cannot meter, naming the path (or `background`)."""
     scope_kind, target, label = _scope_label(budget)
     provider = ctx.provider or "<provider>"
+    unmetered = unmetered_reason(ctx)
+    if unmetered is not None:
+        dimension = "cost" if budget.amount_nanos is not None else "tokens"
+        background = unmetered == _UNMETERED_BACKGROUND
+        what = "a Responses request with background: true" if background else f"POST {ctx.surface}{ctx.path}"
+        message = (
+            f"{what} is billed by the provider but the proxy cannot meter it ({unmetered}), and the "
+            f"{'cost' if dimension == 'cost' else 'token'} budget of {label} applies. Send it with a key no "
+            'cost or token budget applies to, or set [budgets] unpriced = "allow" to let such requests '
+            "through uncharged"
+        )
+        detail = {
+            "scope_kind": scope_kind,
+            "scope_target_id": target,
+            "budget_id": budget.budget_id,
+            "dimension": dimension,
+            "code": "unmetered_api",
+            "message": message,
+        }
+        param = _BACKGROUND_KEY if background else None
+        return openai_error(400, message, code="unmetered_api", param=param, extra={"rejection": detail})
     if ctx.model is None:
         message = (
             f"the request names no model and the cost budget of {label} applies: the proxy cannot price "

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orq_proxy.clock import Clock
 from orq_proxy.context import RequestContext, get_context
 from orq_proxy.metering.taps import AnthropicSSETap, JSONTap, ReportedUsage, SSETap
+from orq_proxy.proxy.request import STORED_SUFFIX
 from orq_proxy.usage.estimate import estimate_input_tokens, estimate_tokens_from_bytes
 from orq_proxy.usage.events import UsageEvent
 from orq_proxy.usage.pricing import Pricer, TokenUsage
@@ -35,7 +36,7 @@ from orq_proxy.usage.pricing import Pricer, TokenUsage
 if TYPE_CHECKING:
     from orq_proxy.metering.prometheus import PrometheusMetrics
 
-__all__ = ["CLIENT_CLOSED_STATUS", "TOKEN_PRODUCTS", "EventQueue", "MeteringMiddleware"]
+__all__ = ["CLIENT_CLOSED_STATUS", "TOKEN_PRODUCTS", "EventQueue", "MeteringMiddleware", "billed_product"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,17 @@ CLIENT_CLOSED_STATUS = 499
 TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings", "messages"})
 # APIs whose streams only carry usage when `stream_options.include_usage` is set.
 _INJECT_PRODUCTS = frozenset({"chat.completions", "completions"})
+
+
+# APIs whose answers may carry usage that is not billed: counting tokens, and batches (whose results
+# repeat the usage the provider bills for the batch, which the proxy does not meter).
+_UNBILLED_PRODUCTS = frozenset({"messages.count_tokens", "batches", "messages.batches"})
+
+
+def billed_product(product: str) -> bool:
+    """Whether usage in an answer of `product` is billed: not for what only repeats a usage already
+    charged (`GET /responses/{id}`, `{product}.stored`) or is never billed (counting tokens, batches)."""
+    return product not in _UNBILLED_PRODUCTS and not product.endswith(STORED_SUFFIX)
 
 
 class EventQueue(Protocol):
@@ -78,6 +90,7 @@ class _Meter:
 
     __slots__ = (
         "anthropic",
+        "billed",
         "client_gone",
         "complete",
         "content_type",
@@ -89,9 +102,10 @@ class _Meter:
         "tap",
     )
 
-    def __init__(self, hide_usage: bool, anthropic: bool = False) -> None:
+    def __init__(self, hide_usage: bool, anthropic: bool = False, billed: bool = True) -> None:
         self.hide_usage = hide_usage
         self.anthropic = anthropic  # Anthropic's Messages API: its usage shape and stream events
+        self.billed = billed  # False: no tap, so no usage (`billed_product`)
         self.started = False
         self.complete = False
         self.status = 0
@@ -140,7 +154,11 @@ class MeteringMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        meter = _Meter(hide_usage=_inject_include_usage(ctx), anthropic=ctx.api == "anthropic")
+        meter = _Meter(
+            hide_usage=_inject_include_usage(ctx),
+            anthropic=ctx.api == "anthropic",
+            billed=billed_product(ctx.product),
+        )
         clock = self.clock
 
         async def send_and_meter(message: Message) -> None:
@@ -190,7 +208,7 @@ class MeteringMiddleware:
                 meter.content_type = value.lower()
             elif lowered == b"content-encoding" and value.lower() not in (b"identity", b""):
                 encoded = True
-        if encoded:  # compressed: unreadable on the side; usage will be estimated
+        if encoded or not meter.billed:  # compressed: unreadable on the side; usage will be estimated
             meter.hide_usage = False
             return message
         if meter.content_type.startswith(b"text/event-stream"):

@@ -31,6 +31,7 @@ from orq_proxy.proxy.jsonbody import JSONBodyError, parse_json_body
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "PROXY_PREFIXES",
+    "STORED_SUFFIX",
     "BodyMiddleware",
     "RequestMiddleware",
     "has_dot_segment",
@@ -46,6 +47,8 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # `openai.AzureOpenAI(azure_endpoint=<proxy>)` sends): see `_azure_surface`.
 PROXY_PREFIXES = ("/v2/router", "/v3/router", "/v1", "/openai")
 
+# The product of a path below a generating API (`responses.stored`): nothing there is billed.
+STORED_SUFFIX = ".stored"
 _PRODUCTS = {
     "/chat/completions": "chat.completions",
     "/responses": "responses",
@@ -90,11 +93,22 @@ _AZURE_DEPLOYMENT = re.compile(
 
 def product_of(path: str) -> str:
     """Which API a path is: `chat.completions`, `responses`, `embeddings`, `messages` (Anthropic's),
-    `messages.count_tokens`, `images`, `audio`, ..."""
+    `messages.count_tokens`, `images`, `audio`, ...; below a generating API (`/responses/{id}`,
+    `/chat/completions/{id}/messages`), `{product}.stored`."""
     product = _PRODUCTS.get(path)
     if product:
         return product
-    parts = path.strip("/").split("/", 2)
+    trimmed = path.rstrip("/")
+    product = _PRODUCTS.get(trimmed)
+    if product:  # `/chat/completions/`: the same API (a cap or a price must not be dodged by a slash)
+        return product
+    for base, name in _PRODUCTS.items():
+        if trimmed.startswith(base) and trimmed[len(base)] == "/":
+            # Reads or changes what that API stored (`GET /responses/{id}`, `POST /chat/completions/{id}`
+            # updates metadata, `POST /responses/{id}/cancel`): the answer repeats the usage of a response
+            # charged when it was made, so it is never billed again.
+            return name + STORED_SUFFIX
+    parts = trimmed.strip("/").split("/", 2)
     if parts[0] == "messages":
         # Anthropic: `/messages` generates; `/messages/count_tokens`, `/messages/batches` do not.
         return "messages" if len(parts) == 1 or not parts[1] else f"messages.{parts[1]}"

@@ -20,6 +20,8 @@ OpenAI routes (under `/v1`; the base URL given to a client or to the proxy is `h
   by `sequence_number`).
 - `POST /v1/completions`: legacy completions, JSON or SSE (same usage-chunk rule as chat).
 - `POST /v1/embeddings`: floats, or base64 little-endian float32 (what the SDK asks for by default).
+- `GET /v1/responses/{id}`: a Response made before (not with `"store": false`), as it ended; the newest
+  4,096 are kept. Another id: 404 `Response with id '...' not found.`
 - `GET /v1/models`, `GET /v1/models/{id}`.
 Anything else is 404 with OpenAI's `Invalid URL (METHOD /path)` error, except the paths below.
 
@@ -158,6 +160,8 @@ DEFAULT_WORDS = 8
 EMBEDDING_DIMENSIONS = 16
 TOKENS_PER_MESSAGE = 4
 SYSTEM_FINGERPRINT = "fp_fake0000"
+# How many Responses the fake keeps for `GET /v1/responses/{id}` (the oldest is forgotten first).
+_STORED_RESPONSES = 4096
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct")
 WORDS = (
     *("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "bright"),
@@ -436,6 +440,7 @@ class FakeUpstream:
         self.words = words
         self.azure_models = dict(azure_models or {})
         self.requests: list[RecordedRequest] = []
+        self._stored_responses: dict[str, bytes] = {}  # `GET /v1/responses/{id}`; the newest, bounded
         self._ids = itertools.count(1)
         self._post_routes: dict[
             str,
@@ -537,6 +542,15 @@ class FakeUpstream:
         if method == "GET":
             if path == "/v1/models":
                 await _send_json_bytes(send, 200, self._models_body)
+                return
+            if path[:14] == "/v1/responses/":
+                stored = self._stored_responses.get(path[14:])
+                if stored is None:
+                    await _send_error(
+                        send, 404, f"Response with id '{path[14:]}' not found.", "invalid_request_error", None
+                    )
+                else:
+                    await _send_json_bytes(send, 200, stored)
                 return
             if path.startswith("/v1/models/"):
                 await _send_json(
@@ -833,6 +847,11 @@ class FakeUpstream:
             # The events are built before the stream starts, so "completed" is stamped with the start time.
             ending = f'"completed","completed_at":{created},"incomplete_details":null'
         final = f'{head}{ending}{rest},"output":[{message_json}],"usage":{usage_json}}}'
+        if body.get("store") is not False:  # as OpenAI does by default: retrievable by id
+            stored = self._stored_responses
+            stored[rid] = final.encode()
+            if len(stored) > _STORED_RESPONSES:
+                del stored[next(iter(stored))]
         if not body.get("stream"):
             await self._send_json_data(send, final.encode())
             return

@@ -244,16 +244,209 @@ def test_bodies_that_are_not_a_json_object_are_400(
 
 
 def test_multipart_uploads_are_still_forwarded(proxy: Proxy, fake: FakeUpstream) -> None:
-    """Audio transcriptions (and the other upload APIs) take multipart bodies: forwarded as sent, even
-    under a cost budget (they name no model the proxy reads, and nothing prices their answers)."""
-    proxy.budget({"amount": LIMIT_NANOS / 1e9})
-    with pytest.raises(openai.NotFoundError):  # the fake has no audio API: its own 404 proves it got there
-        proxy.client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF0000WAVE"))
-    with pytest.raises(openai.NotFoundError):
+    """The upload APIs take multipart bodies: forwarded as sent. A file upload (not billed as work) passes a
+    cost budget; a transcription (billed, its model a form field the proxy does not read) passes without one."""
+    budget_id = proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    with pytest.raises(openai.NotFoundError):  # the fake has no files API: its own 404 proves it got there
         proxy.client.files.create(file=("batch.jsonl", b"{}\n"), purpose="batch")
-    assert [r.path for r in fake.requests] == ["/v1/audio/transcriptions", "/v1/files"]
-    assert b"RIFF0000WAVE" in fake.requests[0].body and b'name="model"' in fake.requests[0].body
-    assert fake.requests[0].headers["content-type"].startswith("multipart/form-data")
+    delete = httpx.delete(
+        f"{proxy.server.url}/v2/budgets/{budget_id}", headers={"authorization": f"Bearer {ADMIN}"}, timeout=10
+    )
+    assert delete.status_code == 200, delete.text
+    with pytest.raises(openai.NotFoundError):
+        proxy.client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF0000WAVE"))
+    assert [r.path for r in fake.requests] == ["/v1/files", "/v1/audio/transcriptions"]
+    assert b"RIFF0000WAVE" in fake.requests[1].body and b'name="model"' in fake.requests[1].body
+    assert fake.requests[1].headers["content-type"].startswith("multipart/form-data")
+
+
+# --- billed work the proxy cannot meter ------------------------------------------------------------------
+
+# (path, JSON body or None for a multipart upload, the `param` named): each is billed by the provider for work
+# the proxy never sees the usage of, so any of them would spend past a budget at zero charge.
+UNMETERED = [
+    (
+        "/v1/batches",
+        {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        None,
+    ),
+    ("/v1/fine_tuning/jobs", {"model": "test-model", "training_file": "file-1"}, None),
+    ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": "test-model"}}, None),
+    ("/v1/realtime/sessions", {"model": "test-model"}, None),
+    ("/v1/audio/speech", {"model": "tts-1", "input": "hello there", "voice": "alloy"}, None),
+    ("/v1/audio/transcriptions", None, None),
+    ("/v1/images/edits", None, None),
+    ("/v1/videos", {"model": "sora-2", "prompt": "a fox"}, None),
+    ("/v1/videos/video_1/remix", {"prompt": "a dog"}, None),
+    (
+        "/v1/batches/",
+        {"input_file_id": "file-1", "endpoint": "/v1/responses", "completion_window": "24h"},
+        None,
+    ),
+    ("/v1/responses", {"model": "test-model", "input": "hello there", "background": True}, "background"),
+]
+UPLOAD = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--b--\r\n'
+
+
+def _send_unmetered(proxy: Proxy, path: str, body: dict[str, Any] | None) -> httpx.Response:
+    if body is None:
+        return proxy.burst(
+            1, path=path, content=UPLOAD, headers={"content-type": "multipart/form-data; boundary=b"}
+        )[0]
+    return proxy.burst(1, path=path, body=body)[0]
+
+
+@pytest.mark.parametrize(
+    "limits", [{"amount": LIMIT_NANOS / 1e9}, {"token_limit": 10_000}], ids=["cost", "tokens"]
+)
+@pytest.mark.parametrize(
+    ("path", "body", "param"), UNMETERED, ids=[u[0] + (" bg" if u[2] else "") for u in UNMETERED]
+)
+def test_unmetered_work_is_refused_under_a_cost_or_token_budget(
+    proxy: Proxy,
+    fake: FakeUpstream,
+    limits: dict[str, Any],
+    path: str,
+    body: dict[str, Any] | None,
+    param: str | None,
+) -> None:
+    """A batch, a fine-tuning job, a realtime session (the client then talks to the provider directly),
+    speech, an upload-bodied API, a video or a background response, under a cost or a token budget: 400
+    `unmetered_api` naming the path (or `background`) and the setting that lets it through; never forwarded,
+    one event, nothing charged."""
+    budget_id = proxy.budget(limits)
+    response = _send_unmetered(proxy, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"], error["type"]) == ("unmetered_api", param, "invalid_request_error")
+    assert (path if param is None else "background: true") in error["message"]
+    assert 'unpriced = "allow"' in error["message"] and "cannot meter" in error["message"]
+    dimension = "cost" if "amount" in limits else "tokens"
+    assert error["rejection"]["budget_id"] == budget_id and error["rejection"]["dimension"] == dimension
+    assert fake.requests == []
+    [event] = proxy.events(1)
+    assert (event.status, event.http_status, event.total_cost_nanos) == ("ERROR", 400, 0)
+    assert proxy.usage(budget_id) == {"amount": 0, "tokens": 0, "requests": 0}
+
+
+def test_unmetered_work_passes_a_rate_limit_and_no_budget(proxy: Proxy, fake: FakeUpstream) -> None:
+    """Only a limit on what it spends refuses it: with no budget, or a requests-per-minute budget alone, a
+    batch is forwarded (the fake has no batches API: its 404 proves it got there); a background response
+    with no budget is forwarded too, and a retrieval of a batch is never refused."""
+    assert _send_unmetered(proxy, "/v1/batches", UNMETERED[0][1]).status_code == 404
+    assert _send_unmetered(proxy, "/v1/responses", UNMETERED[-1][1]).status_code == 200
+    proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    retrieved = httpx.get(
+        proxy.server.url + "/v1/batches/batch_1", headers={"authorization": f"Bearer {USER}"}
+    )
+    assert retrieved.status_code == 404  # the fake's own answer: forwarded, not refused
+    assert [(r.method, r.path) for r in fake.requests] == [
+        ("POST", "/v1/batches"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/batches/batch_1"),
+    ]
+
+
+def test_unmetered_rate_limit_only_budget_forwards(proxy: Proxy, fake: FakeUpstream) -> None:
+    """A budget with only a rate limit counts the batch as one request and forwards it."""
+    response = httpx.post(
+        proxy.server.url + "/v2/budgets",
+        json={"scope": {"workspace": {}}, "rate_limit": {"requests_per_minute": 5}},
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    budget_id = response.json()["budget"]["budgetId"]
+    assert _send_unmetered(proxy, "/v1/batches", UNMETERED[0][1]).status_code == 404
+    assert [r.path for r in fake.requests] == ["/v1/batches"]
+    wait_for(lambda: proxy.usage(budget_id)["requests"] == 1)
+
+
+def test_unmetered_work_with_unpriced_allow_is_forwarded_and_counted(
+    proxy_factory: Any, fake: FakeUpstream
+) -> None:
+    """`[budgets] unpriced = "allow"`: a batch under a cost budget is forwarded at zero cost and said so."""
+    sink = MemorySink()
+    config = {"api_keys": KEYS, "prices": PRICES, "budgets": {"unpriced": "allow"}}
+    app, server = proxy_factory(config, clock=FakeClock(START), sinks=[sink])
+    proxy = Proxy(app, server, sink)
+    proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    assert _send_unmetered(proxy, "/v1/batches", UNMETERED[0][1]).status_code == 404
+    assert [r.path for r in fake.requests] == ["/v1/batches"]
+    [event] = proxy.events(1)
+    assert event.metadata.get("unpriced_allowed") == "1" and event.total_cost_nanos == 0
+
+
+def test_anthropic_message_batch_is_refused_in_anthropics_shape(
+    proxy_factory: Any, fake_server: tuple[FakeUpstream, ServerThread], fake: FakeUpstream
+) -> None:
+    """Anthropic's Message Batches API through the `anthropic` SDK: refused under a cost budget, in
+    Anthropic's error shape, before anything is forwarded."""
+    import anthropic
+
+    root = fake_server[1].url
+    upstreams = {
+        "openai": {"base_url": root + "/v1", "default": True},
+        "anthropic": {"base_url": root, "api": "anthropic"},
+    }
+    sink = MemorySink()
+    app, server = proxy_factory({"upstreams": upstreams, "api_keys": KEYS, "prices": PRICES}, sinks=[sink])
+    proxy = Proxy(app, server, sink)
+    proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    client = anthropic.Anthropic(base_url=proxy.server.url, api_key=USER, max_retries=0, timeout=10)
+    request = {
+        "custom_id": "a",
+        "params": {"model": "claude-sonnet-4-5", "max_tokens": 9000, "messages": MESSAGES},
+    }
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        client.messages.batches.create(requests=[request] * 3)  # type: ignore[list-item]
+    body: Any = raised.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "POST /v1/messages/batches" in body["error"]["message"]
+    assert fake.requests == []
+    client.close()
+
+
+def test_image_generation_without_a_model_is_unpriced(proxy: Proxy, fake: FakeUpstream) -> None:
+    """An image request naming no model is billed for the provider's default model: unpriced under a cost
+    budget (400 `unpriced_model`), like a chat request without one."""
+    proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    response = proxy.burst(1, path="/v1/images/generations", body={"prompt": "a fox"})[0]
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unpriced_model"
+    assert fake.requests == []
+
+
+# --- what repeats a usage already charged ----------------------------------------------------------------
+
+
+def test_retrieving_a_response_is_never_charged_again(proxy: Proxy, fake: FakeUpstream) -> None:
+    """`GET /v1/responses/{id}` answers the stored Response, usage and all: under a cost budget it is
+    forwarded (not refused as naming no model) and charged nothing, so 3 retrievals leave the budget at the
+    cost of the one response made."""
+    budget_id = proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    made = proxy.client.responses.create(model="test-model", input="hello there", max_output_tokens=16)
+    assert made.usage is not None
+    cost = made.usage.input_tokens * IN_NANOS + made.usage.output_tokens * OUT_NANOS
+    for _ in range(3):
+        again = proxy.client.responses.retrieve(made.id)
+        assert again.usage is not None and again.usage.total_tokens == made.usage.total_tokens
+    events = proxy.events(4)
+    assert [(e.product, e.total_cost_nanos) for e in events] == [("responses", cost)] + [
+        ("responses.stored", 0)
+    ] * 3
+    assert all(e.input_tokens == 0 and e.status == "OK" for e in events[1:])
+    wait_for(lambda: proxy.usage(budget_id)["amount"] * 1e9 == pytest.approx(cost))
+
+
+def test_a_trailing_slash_is_the_same_api(proxy: Proxy, fake: FakeUpstream) -> None:
+    """`/v1/chat/completions/` is chat completions: its output cap is written into the body forwarded, as
+    for the path without the slash (the fake answers 404 for that path; the proxy still capped it)."""
+    proxy.budget({"amount": 1.0})  # room for the default cap of 4,096 output tokens
+    body = {"model": "test-model", "messages": MESSAGES}
+    proxy.burst(1, path="/v1/chat/completions/", body=body)
+    [sent] = fake.requests
+    assert sent.path == "/v1/chat/completions/" and sent.json["max_completion_tokens"] == 4096
+    assert proxy.events(1)[0].product == "chat.completions"
 
 
 # --- n and best_of ---------------------------------------------------------------------------------------

@@ -163,16 +163,25 @@ async def _terminate(url: str, application_name: str) -> int:
     return int(row[0]) if row else 0
 
 
+async def _terminate_listener(url: str, application_name: str) -> None:
+    """Terminate the store's LISTEN connection once it is up (it connects in the background, after `open()`
+    and again after each loss), failing if it is not there within 5 s."""
+    deadline = time.monotonic() + 5.0
+    while await _terminate(url, application_name) != 1:
+        assert time.monotonic() < deadline, f"no connection named {application_name!r} within 5 s"
+        await asyncio.sleep(0.02)
+
+
 async def test_listener_killed_the_reconnect_catches_up(
     pg_url: str, replicas: tuple[PostgresBudgetStore, PostgresBudgetStore]
 ) -> None:
     """B's LISTEN connection terminated by the server: writes on A still reach B's matching() within 1 s
     (the poll, then the reconnected listener)."""
     a, b = replicas
-    assert await _terminate(pg_url, b.listener_name) == 1
+    await _terminate_listener(pg_url, b.listener_name)
     budget = await a.create(new_budget(kind=ScopeKind.IDENTITY, target="u1"))
     await within(1.0, matches(b, [budget]))
-    assert await _terminate(pg_url, b.listener_name) == 1
+    await _terminate_listener(pg_url, b.listener_name)
     await a.delete("default", budget.budget_id)
     await within(1.0, matches(b, []))
 
