@@ -19,7 +19,14 @@ __all__ = [
 
 BYTES_PER_TOKEN = 4
 _OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-_NOT_TEXT_KEYS = frozenset({"role", "type", "name", "image_url"})
+# Keys whose values are not text the model reads as tokens (`source` is looked at: an Anthropic image).
+_NOT_TEXT_KEYS = frozenset({"role", "type", "name", "image_url", "source"})
+# What one image in Anthropic's Messages API counts as (in bytes of text, 4 per token): Anthropic bills
+# width x height / 750 tokens and scales an image down to fit 1.15 megapixels (1,092 x 1,092 is 1,590
+# tokens) first, so 1,600 tokens bounds any image it accepts, whatever the size of its base64 `data`,
+# which bytes/4 would count as a quarter million tokens a megabyte (and refuse under a small budget).
+IMAGE_TOKENS = 1_600
+_IMAGE_BYTES = IMAGE_TOKENS * 4
 # The largest output cap an estimate takes at face value (OpenAI's own limit is a 32-bit integer). A
 # client's `max_tokens: 1e300` is capped here, so a budget reservation stays a sane 64-bit number.
 MAX_OUTPUT_TOKENS = 2**31 - 1
@@ -51,6 +58,8 @@ def _text_bytes(value: Any) -> int:
         elif isinstance(node, dict):
             for key, child in node.items():  # (strings counted here: most of a body's values are)
                 if key in _NOT_TEXT_KEYS:
+                    if key == "source":  # Anthropic's image or document: what it counts, not its bytes
+                        total += _IMAGE_BYTES if node.get("type") == "image" else _text_bytes(child)
                     continue
                 if type(child) is str:
                     total += len(child) if child.isascii() else len(child.encode("utf-8", "surrogatepass"))

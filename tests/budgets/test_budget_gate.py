@@ -393,3 +393,24 @@ def test_sdk_default_retries_do_not_repeat_a_refusal(gate: Gate, fake: FakeUpstr
     time.sleep(0.3)  # longer than the bus flush: retried requests would show up as more events
     assert [e.http_status for e in gate.sink.events] == [429]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("size", [10_000, 1_000_000])
+def test_an_anthropic_image_counts_as_one_image_whatever_its_size(size: int) -> None:
+    """An image block (base64 or URL) counts `IMAGE_TOKENS`; a document's base64 still counts as its text
+    (bytes/4: a PDF's pages are billed as text and images, which its size bounds)."""
+    from orq_proxy.usage.estimate import IMAGE_TOKENS
+
+    def message(*blocks: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "abcd" * 5}]}]}
+
+    text_only = estimate_input_tokens(message())
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * size}}
+    by_url = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    pdf = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "A" * size},
+    }
+    assert estimate_input_tokens(message(image)) == text_only + IMAGE_TOKENS
+    assert estimate_input_tokens(message(image, by_url)) == text_only + 2 * IMAGE_TOKENS
+    assert estimate_input_tokens(message(pdf)) >= text_only + size // 4

@@ -7,6 +7,7 @@ by genai-prices with cache reads and both cache-write TTLs at their own rates.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -291,6 +292,37 @@ def test_budget_refusal_in_anthropic_shape(proxy: Any, fake: FakeUpstream) -> No
     assert not [r for r in fake.requests if r.path.startswith("/v1/messages")]
     [event] = wait_events(sink, 1)
     assert (event.http_status, event.identity, event.product) == (429, "capped-dev", "messages")
+
+
+def test_a_screenshot_is_reserved_as_an_image_not_as_its_bytes(proxy: Any, fake: FakeUpstream) -> None:
+    """Claude Code sends screenshots as base64 image blocks: a 1 MB one is reserved as one image (at most
+    1,600 tokens), not as the quarter million tokens its base64 text would be, so a $0.10 budget admits it
+    (reserved as bytes it would need ~$2.60 on this model, calibration's 2x seed included)."""
+    _, server, sink = proxy
+    created = httpx.post(
+        server.url + "/v2/budgets",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        json={
+            "scope": {"identity": {"identity_external_id": "screenshot-dev"}},
+            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": 0.10},
+        },
+    )
+    assert created.status_code == 200, created.text
+    screenshot = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(750_000)).decode()
+    content = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": screenshot}},
+        {"type": "text", "text": "why is this button red"},
+    ]
+    with client(server) as c:
+        answer = c.messages.create(
+            model=MODEL,
+            max_tokens=100,
+            messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
+            extra_headers={"X-ORQ-IDENTITY-ID": "screenshot-dev"},
+        )
+    assert answer.usage.input_tokens > 0
+    [event] = wait_events(sink, 1)
+    assert (event.http_status, event.identity) == (200, "screenshot-dev") and event.total_cost_nanos > 0
 
 
 def test_proxy_errors_keep_anthropics_shape(proxy: Any, fake: FakeUpstream) -> None:
