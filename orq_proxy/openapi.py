@@ -58,6 +58,7 @@ __all__ = ["openapi_document"]
 _REF = "#/components/schemas/{model}"
 _ORQ_ERROR = {"$ref": "#/components/schemas/OrqError"}
 _OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIError"}
+_ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
 
 # The paths a proxy prefix commonly serves; any other path under a prefix is forwarded as well (`{path}`).
 _PROXIED_PATHS = ("chat/completions", "completions", "embeddings", "responses")
@@ -230,7 +231,23 @@ def _proxied_paths() -> dict[str, Any]:
             }
         }
 
-    paths: dict[str, Any] = {}
+    # Anthropic's Messages API (what Claude Code and the `anthropic` SDK call): its errors in Anthropic's shape.
+    anthropic_responses = {
+        "200": responses["200"],
+        **_errors(_ANTHROPIC_ERROR, 400, 401, 403, 413, 429, 502, 504),
+        "default": _json(_ANTHROPIC_ERROR, "the upstream's own error status and body, passed through"),
+    }
+    messages = operation('Anthropic\'s Messages API, forwarded to an upstream with `api = "anthropic"`')
+    messages["post"]["responses"] = anthropic_responses
+    messages["post"]["description"] = (
+        'Forwarded to the Anthropic upstream (`[upstreams.X] api = "anthropic"`) as Claude Code and the '
+        "`anthropic` SDK send it (key as `x-api-key` or `Authorization: Bearer`). Attribution as for the OpenAI "
+        "paths, plus Anthropic's `metadata.user_id` (tags only) before the key's owner. Budgets reserve "
+        "`max_tokens`; the proxy's own errors are in Anthropic's shape."
+    )
+    counting = operation("Anthropic's token counting, forwarded (never billed)")
+    counting["post"]["responses"] = anthropic_responses
+    paths: dict[str, Any] = {"/v1/messages": messages, "/v1/messages/count_tokens": counting}
     for prefix in _PROXY_PREFIXES:
         for name in _PROXIED_PATHS:
             paths[f"{prefix}/{name}"] = operation(f"`{name}`, forwarded")
@@ -279,6 +296,18 @@ def openapi_document() -> dict[str, Any]:
                     "param": {"type": ["string", "null"]},
                 },
             }
+        },
+    }
+    schemas["AnthropicError"] = {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
         },
     }
     schemas["ReportRequest"] = _report_request()

@@ -132,3 +132,23 @@ def test_patch_without_a_body_is_answered_as_documented(proxy_factory: Any) -> N
         else:
             assert response.status_code == 200, path
     assert doc["paths"]["/v2/budgets/{budget_id}"]["patch"]["requestBody"]["required"] is True
+
+
+def test_anthropic_messages_are_documented_with_anthropics_error_shape(proxy_factory: Any) -> None:
+    """`/v1/messages` (and `count_tokens`) are described, their errors in Anthropic's shape, which is what
+    the proxy answers there (checked against a real refusal: no key)."""
+    _app, server = proxy_factory({"api_keys": [{"key": "sk-k"}]})
+    doc = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        refused = doc["paths"][path]["post"]["responses"]["401"]
+        assert refused["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/AnthropicError"
+        }
+    answer = httpx.post(server.url + "/v1/messages", json={"model": "claude-opus-4-7", "max_tokens": 1})
+    assert answer.status_code == 401
+    body = answer.json()
+    schema = doc["components"]["schemas"]["AnthropicError"]
+    assert body["type"] == schema["properties"]["type"]["const"]
+    assert set(schema["required"]) <= set(body) and set(schema["properties"]["error"]["required"]) <= set(
+        body["error"]
+    )
