@@ -91,9 +91,11 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []
+        # Made by the loop it serves. (Kept: `get_running_loop()` costs a getpid syscall a call on 3.11.)
+        self._loop = asyncio.get_running_loop()
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         if self.closed or self.transport is None:
             future.set_exception(ConnectionError("connection to Redis closed"))
@@ -264,6 +266,49 @@ class PipelinedScripts:
             if reply.__class__ is _ReplyError:
                 raise _response_error(reply)
         return reply
+
+    def submit(self, script: Script, count: int, body: bytes) -> asyncio.Future[Any] | None:
+        """`run` without a coroutine: the command is written now and the returned future gets the reply (or
+        the error `run` would raise), `EVAL` following a `NOSCRIPT` by callback. None, with nothing sent,
+        when the connection is not open (the caller then awaits `run`, which connects)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return None
+        first = protocol.send(b"*%d\r\n%b%b" % (count + 2, script.evalsha_head, body))
+        out: asyncio.Future[Any] = first.get_loop().create_future()
+
+        def evaluated(future: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            exc = future.exception()
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            reply = future.result()
+            if reply.__class__ is _ReplyError:
+                out.set_exception(_response_error(reply))
+            else:
+                out.set_result(reply)
+
+        def replied(future: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            exc = future.exception()
+            if exc is None:
+                reply = future.result()
+                if reply.__class__ is not _ReplyError:
+                    out.set_result(reply)
+                    return
+                if str(reply).startswith("NOSCRIPT"):  # a restarted Redis forgot the script: send it
+                    protocol.send(b"*%d\r\n%b%b" % (count + 2, script.eval_head, body)).add_done_callback(
+                        evaluated
+                    )
+                    return
+                exc = _response_error(reply)
+            out.set_exception(exc)
+
+        first.add_done_callback(replied)
+        return out
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None

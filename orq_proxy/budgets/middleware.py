@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orq_proxy.budgets.alerts import AlertDispatcher
 from orq_proxy.budgets.calibration import Calibration, CalibrationKey
-from orq_proxy.budgets.counters import Counters, Rejection, Reservation
+from orq_proxy.budgets.counters import AlertCrossing, Counters, Rejection, Reservation
 from orq_proxy.budgets.matching import RequestFacts, model_keys
 from orq_proxy.budgets.models import Budget
 from orq_proxy.budgets.store import BudgetStore
@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# `RedisCounters.settle_nowait`: the settlement sent at once, its reply a future (None: await `settle`).
+SettleNowait = Callable[[Reservation, int, int, datetime], "asyncio.Future[list[AlertCrossing]] | None"]
 
 _NO_OUTPUT_PRODUCTS = frozenset({"embeddings", "moderations", "messages.count_tokens"})
 # What `body["background"]` is for a Responses request the gate cannot meter.
@@ -180,6 +183,8 @@ class BudgetMiddleware:
         self.calibration: Calibration | None = (calibration or Calibration()) if calibrate else None
         # Settlements still running after their request was cancelled; kept so they are not collected.
         self._background: set[asyncio.Task[None]] = set()
+        # Settlements sent with the counters' `settle_nowait` (Redis), waiting for their reply.
+        self._pending: set[asyncio.Future[list[AlertCrossing]]] = set()
         # A backend outage fails every request alike: log it once with its cause, then a summary per 10 s.
         consequence = "forwarding (fail open)" if fail_open else "refusing with 503 (fail closed)"
         self._backend_failures = RepeatedFailure(
@@ -358,7 +363,17 @@ class BudgetMiddleware:
 
     async def _finish(self, ctx: RequestContext, reservation: Reservation, settled: list[UsageEvent]) -> None:
         """Settle (or release) so that it completes even if this request is being cancelled."""
-        settlement = self._settle(ctx.request_id, reservation, settled[0] if settled else None)
+        event = settled[0] if settled else None
+        nowait: SettleNowait | None = getattr(self.counters, "settle_nowait", None)
+        if nowait is not None and event is not None:
+            # Remote counters that can send the settlement at once: nothing to await or shield (the command
+            # is on its way, whatever happens to this request); the reply is handled by a callback.
+            pending = nowait(reservation, event.total_cost_nanos, event.total_tokens, self.clock.now())
+            if pending is not None:
+                self._pending.add(pending)
+                pending.add_done_callback(self._settled)
+                return
+        settlement = self._settle(ctx.request_id, reservation, event)
         if self.counters.in_process:
             # The counters never suspend, so no cancellation can land inside: await directly (saves a task).
             await settlement
@@ -367,6 +382,20 @@ class BudgetMiddleware:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         await asyncio.shield(task)
+
+    def _settled(self, pending: asyncio.Future[list[AlertCrossing]]) -> None:
+        """A settlement sent by `settle_nowait` got its reply: its alerts, or its failure logged."""
+        self._pending.discard(pending)
+        exc = pending.exception()
+        if exc is not None:
+            self._settle_failures.failed(exc)
+            return
+        if self._settle_failures.failing:
+            self._settle_failures.succeeded()
+        crossings = pending.result()
+        if crossings and self.alerts is not None:
+            for crossing in crossings:
+                self.alerts.notify(crossing)
 
     async def _settle(self, request_id: str, reservation: Reservation, event: UsageEvent | None) -> None:
         now = self.clock.now()
@@ -389,8 +418,8 @@ class BudgetMiddleware:
 
     async def drain(self) -> None:
         """Wait for settlements still running in the background (shutdown, tests)."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        while self._background or self._pending:
+            await asyncio.gather(*list(self._background), *list(self._pending), return_exceptions=True)
 
 
 def _calibration_key(ctx: RequestContext) -> CalibrationKey:

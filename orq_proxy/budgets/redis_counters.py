@@ -662,6 +662,55 @@ class RedisCounters:
         if reservation.done:
             return []
         reservation.done = True
+        count, body, wires = self._settle_command(reservation, actual_cost_nanos, actual_tokens, now)
+        try:
+            reply = await self._scripts.run(_SETTLE_SCRIPT, count, body)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+        return self._crossings(reply, reservation, wires, now)
+
+    def settle_nowait(
+        self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
+    ) -> asyncio.Future[list[AlertCrossing]] | None:
+        """`settle`, its command written now and its reply handled by a callback, so that the caller needs
+        neither a task nor an `await` (the budget gate's hot path). None, with nothing done, when the
+        pipelined connection is not open (or redis-py carries the scripts): then `await settle(...)`.
+
+        Once this returns a future the settlement is under way whatever happens to the caller (the command is
+        in the connection's send buffer): a cancelled request cannot lose it. The future fails with
+        `ServiceUnavailable` when Redis cannot answer."""
+        if reservation.done:
+            return None
+        scripts = self._scripts
+        if scripts.__class__ is not PipelinedScripts:
+            return None
+        count, body, wires = self._settle_command(reservation, actual_cost_nanos, actual_tokens, now)
+        sent = scripts.submit(_SETTLE_SCRIPT, count, body)
+        if sent is None:
+            return None
+        reservation.done = True
+        out: asyncio.Future[list[AlertCrossing]] = sent.get_loop().create_future()
+
+        def replied(future: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            exc = future.exception()
+            if exc is not None:
+                unavailable = isinstance(exc, _UNAVAILABLE_ERRORS)
+                out.set_exception(ServiceUnavailable("budget counters (Redis)", exc) if unavailable else exc)
+                return
+            try:
+                out.set_result(self._crossings(future.result(), reservation, wires, now))
+            except Exception as problem:  # a reply this code cannot read: the caller logs it
+                out.set_exception(problem)
+
+        sent.add_done_callback(replied)
+        return out
+
+    def _settle_command(
+        self, reservation: Reservation, actual_cost_nanos: int, actual_tokens: int, now: datetime
+    ) -> tuple[int, bytes, list[_Wire]]:
+        """The `_SETTLE` call for a reservation: (bulk string count, body, each budget's wire)."""
         now_ts = now.timestamp()
         parts = reservation.parts
         wires = [self._wire(part.budget, now, now_ts) for part in parts]
@@ -699,12 +748,15 @@ class RedisCounters:
                     *[w.settle for w in wires],
                 ]
             )
-        try:
-            reply = await self._scripts.run(_SETTLE_SCRIPT, count, body)
-        except _UNAVAILABLE_ERRORS as exc:
-            raise ServiceUnavailable("budget counters (Redis)", exc) from exc
+        return count, body, wires
+
+    def _crossings(
+        self, reply: Any, reservation: Reservation, wires: list[_Wire], now: datetime
+    ) -> list[AlertCrossing]:
+        """The alert crossings a `_SETTLE` reply reports."""
         if not reply:
             return []
+        parts = reservation.parts
         crossings = []
         for i in range(0, len(reply), 3):
             index = _num(reply[i]) - 1

@@ -414,3 +414,56 @@ def test_an_anthropic_image_counts_as_one_image_whatever_its_size(size: int) -> 
     assert estimate_input_tokens(message(image)) == text_only + IMAGE_TOKENS
     assert estimate_input_tokens(message(image, by_url)) == text_only + 2 * IMAGE_TOKENS
     assert estimate_input_tokens(message(pdf)) >= text_only + size // 4
+
+
+def test_redis_settlement_of_a_client_that_left_lands_once(
+    proxy_factory: Any, fake: FakeUpstream, redis_url: str
+) -> None:
+    """With Redis counters the gate sends each settlement at once and takes its reply by callback (no task,
+    no await): 20 clients that leave mid-stream each leave no reservation in Redis and are charged once."""
+    from ulid import ULID
+
+    from orq_proxy.budgets.redis_counters import redis_counters_from_url
+
+    prefix = f"test-orq:{ULID()}:"
+    counters = redis_counters_from_url(redis_url, prefix=prefix)
+    sink = MemorySink()
+    app, server = proxy_factory(
+        {"api_keys": KEYS, "prices": PRICES}, clock=FakeClock(START), sinks=[sink], budget_counters=counters
+    )
+    gate = Gate(app, server, sink)
+    budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
+
+    async def leave_after_one_chunk() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            request = {"model": "test-model", "messages": MESSAGES, "max_tokens": 10, "stream": True}
+            headers = {"authorization": f"Bearer {USER}", "x-fake-chunk-delay-ms": "200"}
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=request, headers=headers
+            ) as response:
+                assert response.status_code == 200
+                async for _chunk in response.aiter_raw():
+                    break
+
+    async def twenty() -> None:
+        await asyncio.gather(*(leave_after_one_chunk() for _ in range(20)))
+
+    asyncio.run(twenty())
+    wait_for(lambda: len(sink.events) >= 20)
+    assert {e.http_status for e in sink.events} == {499}
+    charged = sum(e.total_cost_nanos for e in sink.events)
+    wait_for(lambda: gate.usage(budget_id)["amount"] * 1e9 == pytest.approx(charged))
+    assert gate.usage(budget_id)["requests"] == 20
+    assert server.loop is not None
+    assert not app.budget_gate._pending  # every reply came back
+    asyncio.run_coroutine_threadsafe(counters.aclose(), server.loop).result(10)
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    assert any(key.endswith(b":h") for key in keys)  # the budget's counters are there...
+    assert not [key for key in keys if b":res:" in key]  # ...and no reservation is still open
+    assert all(client.zcard(key) == 0 for key in keys if key.endswith(b":rs"))
+    if keys:
+        client.delete(*keys)
+    client.close()

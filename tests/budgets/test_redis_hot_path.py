@@ -256,3 +256,78 @@ async def test_settlements_and_reservations_interleaved_on_one_connection(
         Usage((i + 1) * USD, i + 1, 2) for i in range(20)
     ]
     assert [await counters.reserved(b) for b in budgets] == [(USD, 1)] * 20
+
+
+# --- settle_nowait: the settlement sent at once, its reply by callback --------------------------------------
+
+
+async def test_settle_nowait_charges_once_and_reports_alerts(
+    make_budget: MakeBudget, counters: RedisCounters
+) -> None:
+    """`settle_nowait` charges what `settle` would (and only once: the reservation is done once it is sent),
+    and its future carries the alert crossings `settle` returns."""
+    budget = make_budget(amount_nanos=10 * USD, token_limit=1000, alerts=(Alert("a50", 50, ()),))
+    reservation = await counters.reserve("default", [budget], 6 * USD, 100, T0)
+    assert isinstance(reservation, Reservation)
+    pending = counters.settle_nowait(reservation, 6 * USD, 40, T0)
+    assert pending is not None and reservation.done
+    assert counters.settle_nowait(reservation, 6 * USD, 40, T0) is None  # already settled: nothing sent
+    assert await counters.settle(reservation, 6 * USD, 40, T0) == []  # nor by the awaited path
+    [crossing] = await pending
+    assert (crossing.alert.id, crossing.used_nanos) == ("a50", 6 * USD)
+    assert await counters.usage(budget, T0) == Usage(6 * USD, 40, 1)
+
+
+async def test_settle_nowait_before_connecting_says_so(make_budget: MakeBudget, redis_url: str) -> None:
+    """With no open connection yet, `settle_nowait` sends nothing and says so (None): the caller awaits
+    `settle`, which connects. The reservation is left open for it."""
+    prefix = f"test-orq:{ULID()}:"
+    first = redis_counters_from_url(redis_url, prefix=prefix)
+    other = redis_counters_from_url(redis_url, prefix=prefix)  # the same counters, never connected
+    try:
+        budget = make_budget(amount_nanos=10 * USD, token_limit=1000)
+        reservation = await first.reserve("default", [budget], 1 * USD, 10, T0)
+        assert isinstance(reservation, Reservation)
+        assert other.settle_nowait(reservation, 1 * USD, 10, T0) is None and not reservation.done
+        await other.settle(reservation, 1 * USD, 10, T0)
+        assert await first.usage(budget, T0) == Usage(1 * USD, 10, 1)
+    finally:
+        keys = [key async for key in first.client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await first.client.delete(*keys)
+        await first.aclose()
+        await other.aclose()
+
+
+async def test_settle_nowait_after_a_script_flush_sends_the_script(
+    make_budget: MakeBudget, counters: RedisCounters, redis_url: str
+) -> None:
+    """A Redis that forgot its scripts answers NOSCRIPT: the callback sends `EVAL`, and the charge lands."""
+    budget = make_budget(amount_nanos=10 * USD, token_limit=1000)
+    reservation = await counters.reserve("default", [budget], 2 * USD, 10, T0)
+    assert isinstance(reservation, Reservation)
+    with redis.Redis.from_url(redis_url) as client:
+        client.script_flush()
+    pending = counters.settle_nowait(reservation, 2 * USD, 7, T0)
+    assert pending is not None
+    assert await pending == []
+    assert await counters.usage(budget, T0) == Usage(2 * USD, 7, 1)
+
+
+async def test_settle_nowait_on_a_lost_connection_fails_as_unavailable(
+    make_budget: MakeBudget, counters: RedisCounters, redis_url: str
+) -> None:
+    """The connection killed while the settlement waits for its reply: the future fails with
+    `ServiceUnavailable` (the gate logs it; the reservation expires after its TTL), never hangs."""
+    from orq_proxy.errors import ServiceUnavailable
+
+    budget = make_budget(amount_nanos=10 * USD, token_limit=1000)
+    reservation = await counters.reserve("default", [budget], 1 * USD, 10, T0)
+    assert isinstance(reservation, Reservation)
+    hot_path = counters._hot_path
+    assert hot_path is not None and hot_path._protocol is not None
+    pending = counters.settle_nowait(reservation, 1 * USD, 10, T0)
+    assert pending is not None
+    hot_path._protocol.fail(ConnectionError("cut for the test"))  # as a lost connection does
+    with pytest.raises(ServiceUnavailable):
+        await asyncio.wait_for(pending, 5)
