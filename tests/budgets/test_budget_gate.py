@@ -235,22 +235,22 @@ def test_no_reservation_leak_on_upstream_timeout(
     assert gate.usage(budget_id)["amount"] == event.total_cost_nanos / 1e9
 
 
+async def read_one_chunk_and_leave(url: str) -> None:
+    """A streamed chat request whose client reads its first chunk and goes away (upstream 200 ms per chunk)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        request = {"model": "test-model", "messages": MESSAGES, "max_tokens": 10, "stream": True}
+        headers = {"authorization": f"Bearer {USER}", "x-fake-chunk-delay-ms": "200"}
+        async with client.stream("POST", "/v1/chat/completions", json=request, headers=headers) as response:
+            assert response.status_code == 200
+            async for _chunk in response.aiter_raw():
+                break
+
+
 def test_no_reservation_leak_on_client_disconnect(gate: Gate) -> None:
     """A client that goes away mid-stream leaves no reservation; what it used is charged once."""
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
 
-    async def read_one_chunk_and_leave() -> None:
-        async with httpx.AsyncClient(base_url=gate.server.url, timeout=10) as client:
-            request = {"model": "test-model", "messages": MESSAGES, "max_tokens": 10, "stream": True}
-            headers = {"authorization": f"Bearer {USER}", "x-fake-chunk-delay-ms": "200"}
-            async with client.stream(
-                "POST", "/v1/chat/completions", json=request, headers=headers
-            ) as response:
-                assert response.status_code == 200
-                async for _chunk in response.aiter_raw():
-                    break
-
-    asyncio.run(read_one_chunk_and_leave())
+    asyncio.run(read_one_chunk_and_leave(gate.server.url))
     gate.settled(budget_id, 1)
     event = gate.sink.events[0]
     assert event.http_status == 499
@@ -434,19 +434,8 @@ def test_redis_settlement_of_a_client_that_left_lands_once(
     gate = Gate(app, server, sink)
     budget_id = gate.budget({"scope": {"workspace": {}}, "limits": {"amount": 1.0}})
 
-    async def leave_after_one_chunk() -> None:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            request = {"model": "test-model", "messages": MESSAGES, "max_tokens": 10, "stream": True}
-            headers = {"authorization": f"Bearer {USER}", "x-fake-chunk-delay-ms": "200"}
-            async with client.stream(
-                "POST", "/v1/chat/completions", json=request, headers=headers
-            ) as response:
-                assert response.status_code == 200
-                async for _chunk in response.aiter_raw():
-                    break
-
     async def twenty() -> None:
-        await asyncio.gather(*(leave_after_one_chunk() for _ in range(20)))
+        await asyncio.gather(*(read_one_chunk_and_leave(server.url) for _ in range(20)))
 
     asyncio.run(twenty())
     wait_for(lambda: len(sink.events) >= 20)

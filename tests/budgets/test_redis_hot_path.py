@@ -278,24 +278,20 @@ async def test_settle_nowait_charges_once_and_reports_alerts(
     assert await counters.usage(budget, T0) == Usage(6 * USD, 40, 1)
 
 
-async def test_settle_nowait_before_connecting_says_so(make_budget: MakeBudget, redis_url: str) -> None:
+async def test_settle_nowait_before_connecting_says_so(
+    make_budget: MakeBudget, counters: RedisCounters, redis_url: str
+) -> None:
     """With no open connection yet, `settle_nowait` sends nothing and says so (None): the caller awaits
     `settle`, which connects. The reservation is left open for it."""
-    prefix = f"test-orq:{ULID()}:"
-    first = redis_counters_from_url(redis_url, prefix=prefix)
-    other = redis_counters_from_url(redis_url, prefix=prefix)  # the same counters, never connected
+    other = redis_counters_from_url(redis_url, prefix=counters.prefix)  # the same counters, never connected
     try:
         budget = make_budget(amount_nanos=10 * USD, token_limit=1000)
-        reservation = await first.reserve("default", [budget], 1 * USD, 10, T0)
+        reservation = await counters.reserve("default", [budget], 1 * USD, 10, T0)
         assert isinstance(reservation, Reservation)
         assert other.settle_nowait(reservation, 1 * USD, 10, T0) is None and not reservation.done
         await other.settle(reservation, 1 * USD, 10, T0)
-        assert await first.usage(budget, T0) == Usage(1 * USD, 10, 1)
+        assert await counters.usage(budget, T0) == Usage(1 * USD, 10, 1)
     finally:
-        keys = [key async for key in first.client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await first.client.delete(*keys)
-        await first.aclose()
         await other.aclose()
 
 

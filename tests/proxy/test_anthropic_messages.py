@@ -269,19 +269,24 @@ def test_identity_sources(proxy: Any, fake: FakeUpstream) -> None:
     )  # tagged, not created
 
 
-def test_budget_refusal_in_anthropic_shape(proxy: Any, fake: FakeUpstream) -> None:
-    """A spent budget: `anthropic.RateLimitError` with Anthropic's error body, sent once (the SDK honours
-    `x-should-retry: false` even with retries on), and the upstream never called."""
-    _, server, sink = proxy
+def identity_budget(server: ServerThread, identity: str, amount: float) -> None:
+    """A monthly cost budget of `amount` USD on `identity`, made through the budgets API."""
     created = httpx.post(
         server.url + "/v2/budgets",
         headers={"Authorization": f"Bearer {ADMIN}"},
         json={
-            "scope": {"identity": {"identity_external_id": "capped-dev"}},
-            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": 0.000001},
+            "scope": {"identity": {"identity_external_id": identity}},
+            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": amount},
         },
     )
     assert created.status_code == 200, created.text
+
+
+def test_budget_refusal_in_anthropic_shape(proxy: Any, fake: FakeUpstream) -> None:
+    """A spent budget: `anthropic.RateLimitError` with Anthropic's error body, sent once (the SDK honours
+    `x-should-retry: false` even with retries on), and the upstream never called."""
+    _, server, sink = proxy
+    identity_budget(server, "capped-dev", 0.000001)
     with client(server, max_retries=2) as c, pytest.raises(anthropic.RateLimitError) as raised:
         c.messages.create(
             model=MODEL, max_tokens=1000, messages=PROMPT, extra_headers={"X-ORQ-IDENTITY-ID": "capped-dev"}
@@ -299,15 +304,7 @@ def test_a_screenshot_is_reserved_as_an_image_not_as_its_bytes(proxy: Any, fake:
     1,600 tokens), not as the quarter million tokens its base64 text would be, so a $0.10 budget admits it
     (reserved as bytes it would need ~$2.60 on this model, calibration's 2x seed included)."""
     _, server, sink = proxy
-    created = httpx.post(
-        server.url + "/v2/budgets",
-        headers={"Authorization": f"Bearer {ADMIN}"},
-        json={
-            "scope": {"identity": {"identity_external_id": "screenshot-dev"}},
-            "limits": {"period": "BUDGET_PERIOD_MONTHLY", "amount": 0.10},
-        },
-    )
-    assert created.status_code == 200, created.text
+    identity_budget(server, "screenshot-dev", 0.10)
     screenshot = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(750_000)).decode()
     content = [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": screenshot}},
