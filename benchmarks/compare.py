@@ -27,6 +27,12 @@ load generator and the fake upstream to the other CPUs.
     python benchmarks/compare.py --quick            # ~5 min: 0 ms upstream, 3 s per point
     python benchmarks/compare.py                    # full: both latencies, 10 s per point, 2 rounds
     python benchmarks/compare.py --targets direct,minimal,orq-full,orq-bare
+    python benchmarks/compare.py --quick --targets minimal,orq-full,orq-pg --cases json --concurrency 64 \
+        --repeat 3 --pin-servers   # orq-pg with this machine's PostgreSQL and Redis off the target's CPU
+
+`--pin-servers` moves the machine's PostgreSQL and Redis onto the load generator's CPUs for the run (and back
+afterwards): in a deployment they run on machines of their own, and left to float here the kernel wakes them
+on the target's CPU each time the proxy writes to them, so orq-pg's figure then also counts their CPU.
 
 Figures per target and case: req/s, p50/p95/p99, TTFB p50 (streams, c=1), the target's CPU ms per request
 and peak RSS, each as a ratio to `minimal` from the same run. Writes a Markdown table, JSON rows and a PNG
@@ -36,6 +42,8 @@ and peak RSS, each as a ratio to `minimal` from the same run. Writes a Markdown 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import math
 import os
@@ -44,7 +52,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +446,44 @@ def smoke(r: Running, log: Any) -> bool:
     return True
 
 
+_SERVER_NAMES = ("redis-server", "postgres")
+
+
+def pin_local_servers(cpus: set[int], log: Any) -> Callable[[], None]:
+    """Move this machine's Redis and PostgreSQL (every thread of each `redis-server` and `postgres` process;
+    backends forked later inherit the postmaster's mask) onto `cpus`, the load generator's and upstream's
+    side, as a deployment has them on machines of their own. Returns the undo, which restores each mask.
+    Without the right to (not root, not their owner) it logs a NOTE and changes nothing."""
+    saved: list[tuple[int, set[int]]] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() not in _SERVER_NAMES:
+                continue
+            tasks = [int(t.name) for t in (proc / "task").iterdir()]
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                before = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                log(f"NOTE: cannot pin {proc.name} (no permission): PostgreSQL and Redis float")
+                undo_pins(saved)
+                return lambda: None
+            saved.append((tid, before))
+    return lambda: undo_pins(saved)
+
+
+def undo_pins(saved: list[tuple[int, set[int]]]) -> None:
+    for tid, mask in saved:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(tid, mask)
+
+
 def measure_ttfb(r: Running, layout: Layout, seconds: float) -> float | None:
     """Median time to the first body byte of a stream at concurrency 1 (Python generator)."""
     result = _load.run_pyload(
@@ -467,6 +513,12 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
     peers_dir = Path(args.peers_dir)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+    unpin: Callable[[], None] = lambda: None  # noqa: E731
+    servers = "float"
+    if args.pin_servers and layout.other_set:
+        unpin = pin_local_servers(layout.other_set, log)
+        atexit.register(unpin)  # (also if the run stops before its `finally`; undoing twice is harmless)
+        servers = f"on {layout.other}"
     with _load.temp_dir("orq-compare-") as work:
         fake_port = _load.free_port()
         fake = start_fake(fake_port, latencies[0], layout, work)
@@ -479,6 +531,7 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
             log(f"versions: {json.dumps(versions(running, peers_dir))}")
             log(
                 f"layout: target under test on CPU {layout.sut}, load generator + fake upstream on {layout.other}"
+                f"; PostgreSQL and Redis {servers}"
             )
             log(
                 f"targets: {', '.join(r.target.name for r in running)}"
@@ -559,6 +612,7 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
             _load.stop(fake)
             for database in databases:
                 drop_database(PG_ADMIN, database)
+            unpin()
     add_ratios(rows)
     table = markdown(rows)
     if notes:
@@ -749,6 +803,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quiet-timeout", type=float, default=10.0)
     parser.add_argument("--quiet-cores", type=float, default=0.25)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument(
+        "--pin-servers",
+        action="store_true",
+        help="for the run, move this machine's PostgreSQL and Redis onto the load generator's CPUs (as if on "
+        "machines of their own), restoring them afterwards; needs root or their owner",
+    )
     parser.add_argument("--peers-dir", default="/tmp/orq-bench-peers")
     parser.add_argument(
         "--out", default=str(HERE / "results" / "compare"), help="writes OUT.md, OUT.json, OUT.png"
