@@ -56,8 +56,10 @@ __all__ = [
     "OUTPUT_CAPPED_KEY",
     "UNPRICED_ALLOWED_KEY",
     "BudgetMiddleware",
+    "SettleNowait",
     "Unpriced",
     "rejection_response",
+    "unmetered_reason",
     "unpriced_response",
 ]
 
@@ -67,17 +69,14 @@ logger = logging.getLogger(__name__)
 SettleNowait = Callable[[Reservation, int, int, datetime], "asyncio.Future[list[AlertCrossing]] | None"]
 
 _NO_OUTPUT_PRODUCTS = frozenset({"embeddings", "moderations", "messages.count_tokens"})
-# What `body["background"]` is for a Responses request the gate cannot meter.
+# The Responses field asking for a background response (finished, and billed, after the answer: unmetered).
 _BACKGROUND_KEY = "background"
 _CUSTOM_SCOPE = "BUDGET_SCOPE_KIND_CUSTOM"
 # APIs whose answers carry token usage, which metering prices by the model that answered when the requested
 # name has no price: a request to one of them without a priced model cannot be priced by the gate.
-_TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings", "messages"})
-# The output cap each API reads, the first one being what the gate adds when the request sets none. Chat:
-# `max_completion_tokens` (OpenAI's current name; its reasoning models refuse `max_tokens`), and a
-# `max_tokens` the client sent is lowered too, since many upstreams still read it. Legacy completions:
-# `max_tokens`. Responses: `max_output_tokens` (it includes reasoning tokens, as the billed output does).
-# Anthropic's Messages: `max_tokens` (required there, so the reservation is the client's own cap).
+_TOKEN_PRODUCTS = frozenset(
+    {"chat.completions", "responses", "responses.compact", "completions", "embeddings", "messages"}
+)
 # Work a provider bills that the proxy cannot meter (POST to these paths): nothing it sees says what the
 # provider charges. Under a cost or token budget each one is "unpriced" (refused, or with
 # `unpriced = "allow"` let through at zero). Value: why, for the refusal. (Image generation is not here: its
@@ -100,6 +99,11 @@ _VIDEO_REMIX = re.compile(r"^/videos/[^/]+/remix$")
 _UNMETERED_BACKGROUND = "a background response finishes, and is billed, after its answer"
 # APIs a request without a model is unpriced on besides the token APIs: the provider bills a default model.
 _DEFAULT_MODEL_PRODUCTS = frozenset({"images"})
+# The output cap each API reads, the first one being what the gate adds when the request sets none. Chat:
+# `max_completion_tokens` (OpenAI's current name; its reasoning models refuse `max_tokens`), and a
+# `max_tokens` the client sent is lowered too, since many upstreams still read it. Legacy completions:
+# `max_tokens`. Responses: `max_output_tokens` (it includes reasoning tokens, as the billed output does).
+# Anthropic's Messages: `max_tokens` (required there, so the reservation is the client's own cap).
 _CAP_FIELDS: dict[str, tuple[str, ...]] = {
     "chat.completions": ("max_completion_tokens", "max_tokens"),
     "completions": ("max_tokens",),
@@ -279,9 +283,10 @@ class BudgetMiddleware:
         reservation = reserved
         ctx.budget_ids = tuple(part.budget.budget_id for part in reservation.parts)
         if unpriced is not None:  # `unpriced="allow"`: admitted at zero cost; said once per 10 s, and counted
-            self._unpriced_allowed.failed(
-                _UnpricedModel(f"{ctx.provider}/{ctx.model}, budget {unpriced.budget_id}")
-            )
+            what = f"{ctx.provider}/{ctx.model}"
+            if unmetered_reason(ctx) is not None:
+                what = f"POST {ctx.surface}{ctx.path} (not metered)"
+            self._unpriced_allowed.failed(_UnpricedModel(f"{what}, budget {unpriced.budget_id}"))
             ctx.metadata[UNPRICED_ALLOWED_KEY] = "1"
         if cap:
             _apply_output_cap(ctx, cap)

@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_STATUS = 499
 # APIs whose answers carry token usage; for others a missing `usage` is not estimated.
-TOKEN_PRODUCTS = frozenset({"chat.completions", "responses", "completions", "embeddings", "messages"})
+TOKEN_PRODUCTS = frozenset(
+    {"chat.completions", "responses", "responses.compact", "completions", "embeddings", "messages"}
+)
 # APIs whose streams only carry usage when `stream_options.include_usage` is set.
 _INJECT_PRODUCTS = frozenset({"chat.completions", "completions"})
 

@@ -50,7 +50,13 @@ _TOKEN_KINDS = ("input", "output", "cached_input", "reasoning")
 _PRODUCTS = frozenset(
     {
         "chat.completions",
+        "chat.completions.stored",
         "responses",
+        "responses.compact",
+        "responses.stored",
+        "messages",
+        "messages.count_tokens",
+        "messages.batches",
         "embeddings",
         "completions",
         "moderations",
@@ -66,6 +72,7 @@ _PRODUCTS = frozenset(
         "assistants",
         "threads",
         "realtime",
+        "videos",
     }
 )
 

@@ -58,6 +58,10 @@ _PRODUCTS = {
     "/rerank": "rerank",
 }
 
+# Paths below a generating API that generate (and are billed) themselves, not `{product}.stored`: the
+# Responses API's compaction (Codex calls it) runs the model over the conversation and reports its usage.
+_GENERATING_SUBPATHS = {"/responses/compact": "responses.compact"}
+
 # A `.` or `..` segment, separated by `/` or by `\` (which some servers read as `/`), with or without a
 # `;param` suffix (servlet containers read `..;` as `..`).
 _DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:;[^/\\]*)?(?=[/\\]|$)")
@@ -99,7 +103,7 @@ def product_of(path: str) -> str:
     if product:
         return product
     trimmed = path.rstrip("/")
-    product = _PRODUCTS.get(trimmed)
+    product = _PRODUCTS.get(trimmed) or _GENERATING_SUBPATHS.get(trimmed)
     if product:  # `/chat/completions/`: the same API (a cap or a price must not be dodged by a slash)
         return product
     for base, name in _PRODUCTS.items():

@@ -20,6 +20,8 @@ OpenAI routes (under `/v1`; the base URL given to a client or to the proxy is `h
   by `sequence_number`).
 - `POST /v1/completions`: legacy completions, JSON or SSE (same usage-chunk rule as chat).
 - `POST /v1/embeddings`: floats, or base64 little-endian float32 (what the SDK asks for by default).
+- `POST /v1/responses/compact`: the input's user messages, then one `compaction` item (`object:
+  "response.compaction"`); `usage` counts the input as above and `words` output tokens.
 - `GET /v1/responses/{id}`: a Response made before (not with `"store": false`), as it ended; the newest
   4,096 are kept. Another id: 404 `Response with id '...' not found.`
 - `GET /v1/models`, `GET /v1/models/{id}`.
@@ -450,6 +452,7 @@ class FakeUpstream:
         ] = {
             "/v1/chat/completions": self._chat,
             "/v1/responses": self._responses,
+            "/v1/responses/compact": self._compact,
             "/v1/completions": self._completions,
             "/v1/embeddings": self._embeddings,
         }
@@ -886,6 +889,43 @@ class FakeUpstream:
         events.append(event("response.output_item.done", f'"output_index":0,"item":{message_json}'))
         events.append(event(f"response.{final_status}", '"response":' + final))
         await self._run_stream(await self._start_stream(send, plan, record, receive), events)
+
+    async def _compact(
+        self, body: dict[str, Any], plan: _Plan, send: Send, record: RecordedRequest | None, receive: Receive
+    ) -> None:
+        """`POST /v1/responses/compact`: the conversation's user messages, then one opaque compaction item
+        of `words` output tokens; `usage` counts the input as `/v1/responses` does."""
+        prompt_tokens = _responses_prompt_tokens(body, plan.count)
+        output_tokens = plan.words + plan.reasoning_tokens
+        items = body.get("input")
+        if isinstance(items, str):
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": items}]}]
+        kept = (
+            [i for i in items if isinstance(i, dict) and i.get("role") == "user"]
+            if isinstance(items, list)
+            else []
+        )
+        compaction = {
+            "type": "compaction",
+            "id": "cmp_" + self._next_id(),
+            "encrypted_content": "fake:" + "x" * 16,
+        }
+        payload = {
+            "id": "resp_" + self._next_id(),
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [*kept, compaction],
+            "usage": None
+            if plan.omit_usage
+            else {
+                "input_tokens": prompt_tokens,
+                "input_tokens_details": {"cached_tokens": min(plan.cached_tokens, prompt_tokens)},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": plan.reasoning_tokens},
+                "total_tokens": prompt_tokens + output_tokens,
+            },
+        }
+        await self._send_json_data(send, _dumps(payload).encode())
 
     # --- embeddings ------------------------------------------------------------------------------------
 

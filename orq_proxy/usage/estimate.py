@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "IMAGE_TOKENS",
     "MAX_OUTPUT_TOKENS",
     "MAX_RESERVED_OUTPUT_TOKENS",
     "estimate_input_tokens",

@@ -438,6 +438,21 @@ def test_retrieving_a_response_is_never_charged_again(proxy: Proxy, fake: FakeUp
     wait_for(lambda: proxy.usage(budget_id)["amount"] * 1e9 == pytest.approx(cost))
 
 
+def test_a_compaction_is_charged_as_the_generation_it_is(proxy: Proxy, fake: FakeUpstream) -> None:
+    """`POST /v1/responses/compact` (Codex's compaction) runs the model and reports usage: below
+    `/responses` but not a retrieval, it is reserved and charged (`responses.compact`); without a model it is
+    unpriced under a cost budget. (It takes no output cap: the default one, 4,096 tokens, is reserved.)"""
+    budget_id = proxy.budget({"amount": 1.0})
+    compacted = proxy.client.responses.compact(model="test-model", input="hello there, please compact this")
+    assert compacted.object == "response.compaction" and compacted.output[-1].type == "compaction"
+    cost = compacted.usage.input_tokens * IN_NANOS + compacted.usage.output_tokens * OUT_NANOS
+    [event] = proxy.events(1)
+    assert (event.product, event.total_cost_nanos, event.usage_source) == ("responses.compact", cost, "exact")
+    wait_for(lambda: proxy.usage(budget_id)["amount"] * 1e9 == pytest.approx(cost))
+    response = proxy.burst(1, path="/v1/responses/compact", body={"input": "no model named"})[0]
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unpriced_model"
+
+
 def test_a_trailing_slash_is_the_same_api(proxy: Proxy, fake: FakeUpstream) -> None:
     """`/v1/chat/completions/` is chat completions: its output cap is written into the body forwarded, as
     for the path without the slash (the fake answers 404 for that path; the proxy still capped it)."""

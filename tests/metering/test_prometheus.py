@@ -155,3 +155,14 @@ def test_metrics_access_must_be_known() -> None:
     """A policy other than `admin` or `open` is refused when the route is built."""
     with pytest.raises(ValueError, match="access"):
         prometheus_route(PrometheusMetrics(), access="public")  # type: ignore[arg-type]
+
+
+def test_product_labels_name_every_api_the_proxy_meters() -> None:
+    """Anthropic's Messages API, compaction and retrievals have their own `product` label (not `other`)."""
+    prom = PrometheusMetrics(buckets=(0.1, 0.5))
+    for product in ("messages", "responses.compact", "responses.stored", "messages.batches", "nonsense"):
+        prom.observe(event(product=product))
+    text = prom.render()
+    for product in ("messages", "responses.compact", "responses.stored", "messages.batches"):
+        assert f'model="gpt-4o",product="{product}",status="OK"}} 1' in text
+    assert 'model="gpt-4o",product="other",status="OK"} 1' in text  # the unknown one
