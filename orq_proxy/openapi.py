@@ -37,6 +37,7 @@ from orq_proxy.identities.models import (
 from orq_proxy.identities.models import (
     MAX_LIMIT as IDENTITIES_MAX_LIMIT,
 )
+from orq_proxy.identities.rules import EMAIL_PART
 from orq_proxy.reporting.query import (
     FILTER_FIELDS,
     GRAINS,
@@ -126,7 +127,7 @@ def _identity_rules(schemas: dict[str, Any]) -> None:
             {
                 "type": "string",
                 "maxLength": EMAIL_MAX,
-                "pattern": r"^([^@\s]+@[^@\s]+)?$",
+                "pattern": f"^({EMAIL_PART}@{EMAIL_PART})?$",
                 "description": "name@example.com; an empty string clears it",
             }
         ),

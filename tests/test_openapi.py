@@ -152,3 +152,25 @@ def test_anthropic_messages_are_documented_with_anthropics_error_shape(proxy_fac
     assert set(schema["required"]) <= set(body) and set(schema["properties"]["error"]["required"]) <= set(
         body["error"]
     )
+
+
+@pytest.mark.parametrize(
+    "email", ["ada@example.com", "", "a\x1f@b.c", "a@b\x85c", "\ufeffa@b.c", "a b@c.d", "a@@b", "a\u3000@b.c"]
+)
+def test_the_documented_email_pattern_is_the_rule_the_server_applies(email: str) -> None:
+    """Python's `\\s` and ECMAScript's differ (U+001C-U+001F, U+0085, U+FEFF): the document's pattern names
+    those explicitly, so a JSON Schema tool and the server accept the same addresses (schemathesis found one
+    that it generated as valid and the server refused)."""
+    from orq_proxy.identities.rules import IdentityRuleError, check_email
+    from orq_proxy.openapi import openapi_document
+
+    schema = openapi_document()["components"]["schemas"]["IdentityUpdate"]["properties"]["email"]["anyOf"][0]
+    # The pattern as a JSON Schema tool reads it: ECMAScript's `\s`, spelled out for Python's `re`.
+    ecma_space = "\t\n\x0b\x0c\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+    documented = re.fullmatch(schema["pattern"].replace("\\s", ecma_space), email) is not None
+    try:
+        check_email(email, "email")
+        accepted = True
+    except IdentityRuleError:
+        accepted = False
+    assert documented == accepted

@@ -27,6 +27,7 @@ from typing import Any, Final
 __all__ = [
     "DISPLAY_NAME_MAX",
     "EMAIL_MAX",
+    "EMAIL_PART",
     "EXTERNAL_ID_MAX",
     "METADATA_MAX_KEYS",
     "TAGS_MAX",
@@ -52,7 +53,11 @@ METADATA_MAX_KEYS: Final = 20
 
 # Basic shape only (orq documents "basic format validation"): something@something, no spaces. orq's own
 # examples use addresses such as `a@x`, so a dot in the domain is not required.
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+# Not `@` and not whitespace, by both Python's and ECMAScript's idea of `\s` (they differ on U+001C-U+001F,
+# U+0085 and U+FEFF), so that the OpenAPI document's pattern (`openapi.py`, read by JSON Schema tools with
+# ECMAScript regexes) accepts exactly what this does.
+EMAIL_PART = r"[^@\s\x1c-\x1f\x85\ufeff]+"
+_EMAIL = re.compile(EMAIL_PART + "@" + EMAIL_PART)
 
 
 class IdentityRuleError(Exception):
