@@ -67,7 +67,8 @@ Deterministic usage:
   count as one more message. Legacy completions and embeddings: words of each prompt/input string (token
   arrays count their length), no per-message overhead; embeddings have no completion tokens.
 - `n` (chat, legacy completions) answers that many choices, each of the same words; legacy `best_of`
-  generates (and bills) `max(n, best_of)`: `completion_tokens` counts every generated choice.
+  generates (and bills) `max(n, best_of)`: `completion_tokens` counts every generated choice. A legacy
+  `prompt` list (of strings or token arrays) is completed prompt by prompt: `n` choices for each.
 - Completion: `words` words (default 8, or `x-fake-words`), capped by `max_completion_tokens`,
   `max_tokens` (chat, completions) or `max_output_tokens` (responses); a capped answer ends with
   `finish_reason: "length"` (responses: `status: "incomplete"`). One word per content chunk.
@@ -757,10 +758,13 @@ class FakeUpstream:
     ) -> None:
         model: str = body["model"]
         n_words, capped = self._answer_words(plan, body, "max_tokens")
-        n = _count_field(body, "n")
-        generated = max(n, _count_field(body, "best_of"))  # best_of candidates are generated and billed
+        prompts = _inputs(body.get("prompt")) or [""]
+        # Every prompt of a list is completed: `n` choices each (`index` = prompt * n + choice), `best_of`
+        # candidates each generated and billed.
+        n = _count_field(body, "n") * len(prompts)
+        generated = max(_count_field(body, "n"), _count_field(body, "best_of")) * len(prompts)
         finish = "length" if capped else "stop"
-        prompt_tokens = sum(_input_tokens(p, plan.count) for p in _inputs(body.get("prompt")))
+        prompt_tokens = sum(_input_tokens(p, plan.count) for p in prompts)
         usage = _chat_usage(prompt_tokens, n_words * generated, plan)
         created = int(time.time())
         cid = "cmpl-" + self._next_id()

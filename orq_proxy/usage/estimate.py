@@ -119,12 +119,26 @@ def _count(value: Any) -> int:
     return 1
 
 
+def _prompts(value: Any) -> int:
+    """How many prompts a legacy completions `prompt` holds: a list of strings or of token arrays is one
+    each (the server completes every one), a list of integers is one tokenized prompt; anything else is 1."""
+    if type(value) is not list or not value:
+        return 1
+    first = value[0]
+    if isinstance(first, int) and not isinstance(first, bool):
+        return 1  # one prompt, as token ids
+    return min(len(value), MAX_RESERVED_OUTPUT_TOKENS)
+
+
 def output_multiplier(body: dict[str, Any] | None) -> int:
     """How many outputs of the cap's size one request can be billed for: `n` (choices, images), and for
     legacy completions `best_of` (the server generates `best_of` candidates and returns `n` of them, and
-    `best_of >= n`, so the larger of the two is what is billed; a value that is not a number counts as 1)."""
+    `best_of >= n`, so the larger of the two is what is billed; a value that is not a number counts as 1),
+    times the prompts of a `prompt` list (each one is completed `n` / `best_of` times)."""
     if not body:
         return 1
     n = _count(body.get("n"))
     best_of = _count(body.get("best_of"))
-    return n if n >= best_of else best_of
+    per_prompt = n if n >= best_of else best_of
+    prompt = body.get("prompt")
+    return per_prompt if prompt is None else per_prompt * _prompts(prompt)

@@ -497,6 +497,25 @@ def test_best_of_multiplies_the_reserved_output(proxy: Proxy, fake: FakeUpstream
     assert rejection["requested"] * 1e9 == pytest.approx(3 * IN_NANOS + 6 * 10 * OUT_NANOS)
 
 
+def test_a_list_of_prompts_multiplies_the_reserved_output(proxy: Proxy, fake: FakeUpstream) -> None:
+    """Legacy completions complete every prompt of a `prompt` list (each up to `max_tokens`, `n` times): 8
+    prompts reserve 8 output caps, so 20 concurrent stay within the limit (reserved as one, they spent 8x)."""
+    budget_id = proxy.budget({"amount": LIMIT_NANOS / 1e9})
+    body = {"model": "test-model", "prompt": ["hello there"] * 8, "max_tokens": 10}
+    responses = proxy.burst(CONCURRENT, path="/v1/completions", body=body)
+    served = [r.json() for r in responses if r.status_code == 200]
+    assert served and all(len(a["choices"]) == 8 and a["usage"]["completion_tokens"] == 64 for a in served)
+    assert {r.status_code for r in responses} == {200, 429}
+    events = proxy.events(CONCURRENT)
+    assert charged(events) == len(served) * (16 * IN_NANOS + 64 * OUT_NANOS) <= LIMIT_NANOS
+    rejection = next(r for r in responses if r.status_code == 429).json()["error"]["rejection"]
+    assert rejection["requested"] * 1e9 == pytest.approx(22 * IN_NANOS + 8 * 10 * OUT_NANOS)  # 88 bytes in
+    wait_for(lambda: proxy.usage(budget_id)["amount"] * 1e9 == pytest.approx(charged(events)))
+    tokenized = {"model": "test-model", "prompt": [15339, 1070], "max_tokens": 10}  # one prompt, as token ids
+    answer = proxy.burst(1, path="/v1/completions", body=tokenized)[0]
+    assert answer.status_code in (200, 429) and len(answer.json().get("choices", [None])) == 1
+
+
 # --- a zero reservation ----------------------------------------------------------------------------------
 
 
