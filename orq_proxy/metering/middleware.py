@@ -210,7 +210,8 @@ class MeteringMiddleware:
                 meter.content_type = value.lower()
             elif lowered == b"content-encoding" and value.lower() not in (b"identity", b""):
                 encoded = True
-        if encoded or not meter.billed:  # compressed: unreadable on the side; usage will be estimated
+        # Compressed: unreadable on the side, so usage will be estimated. Not billed: nothing to read.
+        if encoded or not meter.billed:
             meter.hide_usage = False
             return message
         if meter.content_type.startswith(b"text/event-stream"):

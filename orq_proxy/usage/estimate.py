@@ -60,7 +60,10 @@ def _text_bytes(value: Any) -> int:
             for key, child in node.items():  # (strings counted here: most of a body's values are)
                 if key in _NOT_TEXT_KEYS:
                     if key == "source":  # Anthropic's image or document: what it counts, not its bytes
-                        total += _IMAGE_BYTES if node.get("type") == "image" else _text_bytes(child)
+                        if node.get("type") == "image":
+                            total += _IMAGE_BYTES
+                        else:
+                            stack.append(child)
                     continue
                 if type(child) is str:
                     total += len(child) if child.isascii() else len(child.encode("utf-8", "surrogatepass"))
