@@ -116,6 +116,10 @@ class Counters(Protocol):
     Attributes:
         in_process: True when no call ever suspends (in memory); the middleware then settles inline,
             otherwise in a task shielded from the request's cancellation.
+
+    Optional: `settle_nowait(reservation, actual_cost_nanos, actual_tokens, now)`, which sends the settlement
+    at once and returns a future of its alert crossings, or None when it cannot (the middleware then awaits
+    `settle`). `RedisCounters` has it: the gate then settles with no task and no `await`.
     """
 
     in_process: bool
