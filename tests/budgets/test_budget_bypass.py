@@ -438,6 +438,16 @@ def test_retrieving_a_response_is_never_charged_again(proxy: Proxy, fake: FakeUp
     wait_for(lambda: proxy.usage(budget_id)["amount"] * 1e9 == pytest.approx(cost))
 
 
+def test_what_generates_nothing_reserves_no_output(proxy: Proxy, fake: FakeUpstream) -> None:
+    """A model list and a retrieval name no model and generate nothing: under a 100-token budget they pass
+    (each reserved the default 4,096 output tokens before, so a small token budget refused them with 429)."""
+    made = proxy.client.responses.create(model="test-model", input="hello there", max_output_tokens=16)
+    budget_id = proxy.budget({"token_limit": 100})
+    assert [m.id for m in proxy.client.models.list()]
+    assert proxy.client.responses.retrieve(made.id).id == made.id
+    assert proxy.usage(budget_id)["tokens"] == 0
+
+
 def test_a_compaction_is_charged_as_the_generation_it_is(proxy: Proxy, fake: FakeUpstream) -> None:
     """`POST /v1/responses/compact` (Codex's compaction) runs the model and reports usage: below
     `/responses` but not a retrieval, it is reserved and charged (`responses.compact`); without a model it is
