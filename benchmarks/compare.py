@@ -171,8 +171,26 @@ admin = true
 state = "{state}"
 events = "{events}"
 counters = "{counters}"
+counters_prefix = "{COUNTERS_PREFIX}"
 """
     )
+
+
+# This run's Redis keys (orq-pg's counters), deleted at the end with `drop_counters`.
+COUNTERS_PREFIX = f"orq-bench:{os.getpid()}:"
+
+
+def drop_counters(url: str) -> None:
+    """Delete this run's counters from the Redis at `url` (a bench leaves nothing in the machine's Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=COUNTERS_PREFIX + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def create_database(admin_url: str) -> str:
@@ -612,6 +630,8 @@ def run(args: argparse.Namespace, print_line: Any = print) -> list[dict[str, Any
             _load.stop(fake)
             for database in databases:
                 drop_database(PG_ADMIN, database)
+            if databases:  # orq-pg ran: its counters are in Redis
+                drop_counters(REDIS)
             unpin()
     add_ratios(rows)
     table = markdown(rows)
